@@ -1,0 +1,44 @@
+// The extension's tensor-level operations. Each checks its inputs and dispatches to the CPU reference
+// or, where built, the CUDA kernel; both compute the same function.
+#pragma once
+
+#include <torch/extension.h>
+
+namespace hjcg {
+
+// Samples one token per row of `logits` [B, V] and writes it to `out` [B] (int64).
+// Per-row parameters are [B] tensors: temperature, top_p, min_p, repetition_penalty (float32),
+// top_k (int32), seed and offset (int64). `history` [B, H] (int64) holds the tokens so far, valid up to
+// `history_len` [B] (int64), for the repetition penalty. Side effects, the same on every device, so a
+// CUDA graph replay continues where the last left off: offset += 1; if append_to_history and a row's
+// history has room, the token is appended and history_len += 1.
+void sample(const torch::Tensor& logits, const torch::Tensor& history, const torch::Tensor& history_len,
+            const torch::Tensor& temperature, const torch::Tensor& top_k, const torch::Tensor& top_p,
+            const torch::Tensor& min_p, const torch::Tensor& repetition_penalty, const torch::Tensor& seed,
+            const torch::Tensor& offset, const torch::Tensor& out, bool append_to_history);
+
+// Writes `prompt` [L] (int64) into the static inputs of a prefill graph of `input_ids.size(0)` rows:
+// input_ids, positions [S] (int64), last_index [1] and seq_len [1] (int64). `prompt` is on the host or
+// on the device of the outputs.
+void pad_prompt(const torch::Tensor& prompt, int64_t start_pos, int64_t pad_id, const torch::Tensor& input_ids,
+                const torch::Tensor& positions, const torch::Tensor& last_index, const torch::Tensor& seq_len);
+
+void check_sample_args(const torch::Tensor& logits, const torch::Tensor& history, const torch::Tensor& history_len,
+                       const torch::Tensor& temperature, const torch::Tensor& top_k, const torch::Tensor& top_p,
+                       const torch::Tensor& min_p, const torch::Tensor& repetition_penalty,
+                       const torch::Tensor& seed, const torch::Tensor& offset, const torch::Tensor& out);
+
+#ifdef HJCG_WITH_CUDA
+void sample_cuda(const torch::Tensor& logits, const torch::Tensor& history, const torch::Tensor& history_len,
+                 const torch::Tensor& temperature, const torch::Tensor& top_k, const torch::Tensor& top_p,
+                 const torch::Tensor& min_p, const torch::Tensor& repetition_penalty, const torch::Tensor& seed,
+                 const torch::Tensor& offset, const torch::Tensor& out, bool append_to_history);
+void pad_prompt_cuda(const torch::Tensor& prompt, int64_t start_pos, int64_t pad_id, const torch::Tensor& input_ids,
+                     const torch::Tensor& positions, const torch::Tensor& last_index, const torch::Tensor& seq_len);
+// q [Hq, D]; k_cache, v_cache [T_max, Hkv, D]; seq_len [1] int32/int64 on the device; out [Hq, D].
+void decode_attention_cuda(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                           const torch::Tensor& seq_len, double scale, const torch::Tensor& out,
+                           const torch::Tensor& workspace);
+#endif
+
+}  // namespace hjcg

@@ -1,0 +1,29 @@
+// Per-row sampling parameters and the small pieces of their semantics that the CPU reference and the
+// CUDA kernel share, so both compute the same function.
+#pragma once
+
+#include <cstdint>
+
+#include "host_device.h"
+
+namespace hjcg {
+
+struct SamplingParamsRow {
+  float temperature;         // <= 0: greedy (argmax, lowest index on ties)
+  int32_t top_k;             // <= 0: off
+  float top_p;               // <= 0 or >= 1: off
+  float min_p;               // <= 0: off
+  float repetition_penalty;  // <= 0 or == 1: off
+};
+
+HJCG_HOST_DEVICE bool penalty_active(float penalty) { return penalty > 0.f && penalty != 1.f; }
+HJCG_HOST_DEVICE bool top_k_active(int32_t k, int64_t vocab) { return k > 0 && k < vocab; }
+HJCG_HOST_DEVICE bool top_p_active(float p) { return p > 0.f && p < 1.f; }
+HJCG_HOST_DEVICE bool min_p_active(float p) { return p > 0.f; }
+
+// Repetition penalty as in CTRL and HF transformers: move a seen token's logit towards "less likely".
+HJCG_HOST_DEVICE float penalize_logit(float logit, float penalty) {
+  return logit > 0.f ? logit / penalty : logit * penalty;
+}
+
+}  // namespace hjcg

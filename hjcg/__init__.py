@@ -1,0 +1,2 @@
+"""hjcg: hybrid JIT-CUDA-graph LLM inference."""
+__version__ = "0.1.0"

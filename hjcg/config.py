@@ -1,0 +1,65 @@
+"""Engine configuration: which model, where, how, and the limits every request is held to."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+MODES = ("eager", "compiled", "graphs", "hybrid")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Prefill length buckets captured by default on CUDA: dense where prompts are common, sparse beyond.
+DEFAULT_PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str = "smollm2"            # "smollm2" (the embedded default) or a local checkpoint directory
+    device: str = "auto"              # "auto", "cpu", "cuda", "cuda:N"
+    dtype: str = "auto"               # "auto" (float32 on CPU, float16 on CUDA) or a DTYPES key
+    mode: str = "auto"                # "auto" (eager on CPU, hybrid on CUDA) or one of MODES
+    max_context: int = 4096           # KV-cache length; prompt + generated tokens never exceed it
+    max_prompt_tokens: int = 3072
+    max_new_tokens: int = 1024
+    default_max_new_tokens: int = 256
+    prefill_buckets: tuple[int, ...] = DEFAULT_PREFILL_BUCKETS
+    graph_cache_max_entries: int = 16
+    graph_cache_max_bytes: int = 1 << 30
+    cache_dir: str | None = None      # where converted GGUF weights are kept; None: ~/.cache/hjcg
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} asked for, but torch sees no CUDA device")
+        on_cuda = self.device.startswith("cuda")
+        if self.dtype == "auto":
+            self.dtype = "float16" if on_cuda else "float32"
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.mode == "auto":
+            self.mode = "hybrid" if on_cuda else "eager"
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be 'auto' or one of {MODES}, got {self.mode!r}")
+        if self.mode in ("graphs", "hybrid") and not on_cuda:
+            raise ValueError(f"mode {self.mode!r} needs a CUDA device; use 'eager' or 'compiled' on the CPU")
+        for name in ("max_context", "max_prompt_tokens", "max_new_tokens", "default_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_prompt_tokens >= self.max_context:
+            raise ValueError("max_prompt_tokens must be smaller than max_context")
+        self.default_max_new_tokens = min(self.default_max_new_tokens, self.max_new_tokens)
+        buckets = tuple(sorted(set(int(b) for b in self.prefill_buckets)))
+        if not buckets or buckets[0] < 1:
+            raise ValueError("prefill_buckets must be positive lengths")
+        self.prefill_buckets = buckets
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)

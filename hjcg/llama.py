@@ -1,0 +1,187 @@
+"""The fast forward of a Llama-family decoder (Llama 2/3, Mistral, SmolLM2; GQA; RoPE as the config says).
+
+Weights come from transformers' own model, rearranged once: Q, K and V fused into one matrix, gate and
+up into another, so a layer is four matrix products. The KV cache is static (allocated once), so every
+shape is fixed and the forward can be captured into a CUDA graph. The lm head runs only on the row
+that is sampled.
+
+Shapes: S = tokens in the step, H = hidden size, Hq/Hkv = query/KV heads, D = head dim, T = cache length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from hjcg.kv_cache import KVCache
+
+# attention(layer, q [S, Hq, D], k [S, Hkv, D], v [S, Hkv, D]) -> [S, Hq, D]; k/v are already cached.
+Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(slots=True)
+class LlamaShape:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+
+    @classmethod
+    def from_config(cls, config) -> "LlamaShape":
+        heads = config.num_attention_heads
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            intermediate_size=config.intermediate_size,
+            rms_norm_eps=config.rms_norm_eps,
+        )
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    input_norm: torch.Tensor    # [H]
+    qkv: torch.Tensor           # [(Hq + 2 Hkv) D, H]
+    o: torch.Tensor             # [H, Hq D]
+    post_norm: torch.Tensor     # [H]
+    gate_up: torch.Tensor       # [2 F, H]
+    down: torch.Tensor          # [H, F]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As transformers computes it: normalise in float32, scale in the model's dtype.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class FastLlama:
+    """Llama-family forward over a static KV cache; see the module docstring."""
+
+    def __init__(self, hf_model: torch.nn.Module, device: torch.device, dtype: torch.dtype, max_positions: int):
+        config = hf_model.config
+        self.shape = LlamaShape.from_config(config)
+        self.device, self.dtype = device, dtype
+        self._check_supported(config, hf_model)
+        inner = hf_model.model
+
+        def w(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(device=device, dtype=dtype).contiguous()
+
+        self.embed = w(inner.embed_tokens.weight)
+        self.layers = [
+            LayerWeights(
+                input_norm=w(layer.input_layernorm.weight),
+                qkv=w(torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+                                 layer.self_attn.v_proj.weight])),
+                o=w(layer.self_attn.o_proj.weight),
+                post_norm=w(layer.post_attention_layernorm.weight),
+                gate_up=w(torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight])),
+                down=w(layer.mlp.down_proj.weight),
+            )
+            for layer in inner.layers
+        ]
+        self.norm = w(inner.norm.weight)
+        lm_head = hf_model.get_output_embeddings().weight
+        self.lm_head = self.embed if lm_head is inner.embed_tokens.weight else w(lm_head)
+        self.cos, self.sin = self._rope_tables(inner.rotary_emb, max_positions)
+
+    @staticmethod
+    def _check_supported(config, hf_model) -> None:
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+        if rope_type == "dynamic":
+            raise ValueError("dynamic RoPE scaling changes with the sequence length and is not supported")
+        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+            raise ValueError("attention or MLP biases are not supported")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"activation {config.hidden_act!r} is not supported (silu only)")
+        if getattr(config, "sliding_window", None):
+            raise ValueError("sliding-window attention is not supported")
+
+    def _rope_tables(self, rotary, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # transformers' rotary module already holds inv_freq and the scaling its config asks for.
+        inv_freq = rotary.inv_freq.detach().float().cpu()
+        scale = float(getattr(rotary, "attention_scaling", 1.0))
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        cos = (emb.cos() * scale).to(device=self.device, dtype=self.dtype)
+        sin = (emb.sin() * scale).to(device=self.device, dtype=self.dtype)
+        return cos, sin
+
+    def new_cache(self, length: int) -> KVCache:
+        s = self.shape
+        return KVCache(s.num_layers, length, s.num_kv_heads, s.head_dim, self.device, self.dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, attention: Attention,
+                logit_rows: torch.Tensor | None) -> torch.Tensor:
+        """input_ids, positions: [S] int64; logit_rows: [R] int64 row indices (None: all rows).
+
+        Writes the step's K/V into `cache` at `positions` and returns logits [R, vocab] in float32.
+        """
+        s = self.shape
+        x = F.embedding(input_ids, self.embed)                 # [S, H]
+        cos = self.cos.index_select(0, positions)[:, None, :]  # [S, 1, D]
+        sin = self.sin.index_select(0, positions)[:, None, :]
+        q_end = s.num_heads * s.head_dim
+        k_end = q_end + s.num_kv_heads * s.head_dim
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.input_norm, s.rms_norm_eps)
+            qkv = h @ layer.qkv.t()
+            q = qkv[:, :q_end].view(-1, s.num_heads, s.head_dim)
+            k = qkv[:, q_end:k_end].view(-1, s.num_kv_heads, s.head_dim)
+            v = qkv[:, k_end:].view(-1, s.num_kv_heads, s.head_dim)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            cache.write(i, positions, k, v)
+            attn = attention(i, q, k, v)                       # [S, Hq, D]
+            x = x + attn.reshape(-1, q_end) @ layer.o.t()
+            h = rms_norm(x, layer.post_norm, s.rms_norm_eps)
+            gate, up = (h @ layer.gate_up.t()).chunk(2, dim=-1)
+            x = x + (F.silu(gate) * up) @ layer.down.t()
+        if logit_rows is not None:
+            x = x.index_select(0, logit_rows)
+        x = rms_norm(x, self.norm, s.rms_norm_eps)
+        return (x @ self.lm_head.t()).float()
+
+
+# --- attention variants -------------------------------------------------------------------------------
+
+def causal_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Prefill of a chunk that starts at position 0: the chunk attends causally to itself alone."""
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(0, 1)
+
+
+def masked_cache_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                           positions: torch.Tensor) -> torch.Tensor:
+    """q [S, Hq, D] at `positions` attends to cached keys/values [T', Hkv, D] at positions <= its own."""
+    kv_pos = torch.arange(keys.shape[0], device=q.device)
+    mask = kv_pos[None, :] <= positions[:, None]               # [S, T']
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                                         attn_mask=mask, enable_gqa=q.shape[1] != keys.shape[1])
+    return out.transpose(0, 1)
+
+
+def eager_attention(cache: KVCache, positions: torch.Tensor, start_pos: int, kv_len: int) -> Attention:
+    """Host-known lengths (the eager path): a fresh prompt attends to itself, anything else to the cache."""
+    if start_pos == 0:
+        return lambda layer, q, k, v: causal_self_attention(q, k, v)
+    return lambda layer, q, k, v: masked_cache_attention(
+        q, cache.k[layer, :kv_len], cache.v[layer, :kv_len], positions)

@@ -1,0 +1,8 @@
+"""Loads the native extension hjcg._C (torch must be imported first: the extension links to libtorch)."""
+import torch  # noqa: F401  (loads libtorch's shared libraries for the extension)
+
+from hjcg import _C
+
+WITH_CUDA: bool = bool(_C.with_cuda)
+
+__all__ = ["_C", "WITH_CUDA"]
