@@ -1,0 +1,3 @@
+from hjcg_client.client import HjcgClient
+
+__all__ = ["HjcgClient"]

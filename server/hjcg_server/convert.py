@@ -1,0 +1,103 @@
+"""Checks a GenerateRequest field by field and turns it into the engine's GenerationRequest.
+
+Every problem raises RequestError with a message that names the field and says what to fix.
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+from hjcg.engine import Engine, GenerationRequest, RequestError
+from hjcg.sampling import SamplingParams
+from hjcg.v1 import hjcg_pb2 as pb
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_REQUEST_ID_LENGTH = 128
+MAX_CHAT_MESSAGES = 256
+MAX_TEXT_CHARS = 1_000_000
+CHAT_ROLES = ("system", "user", "assistant")
+
+# Fast tokenizers are not safe to call from many RPC threads at once.
+_tokenizer_lock = threading.Lock()
+
+
+def check_request_id(request_id: str) -> str:
+    if len(request_id) > MAX_REQUEST_ID_LENGTH:
+        raise RequestError(f"request_id is longer than {MAX_REQUEST_ID_LENGTH} characters")
+    if request_id and not request_id.isprintable():
+        raise RequestError("request_id must be printable characters only")
+    return request_id
+
+
+def sampling_params(s: pb.SamplingParams) -> SamplingParams:
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        if not math.isfinite(getattr(s, name)):
+            raise RequestError(f"sampling.{name} must be a finite number")
+    try:
+        return SamplingParams(
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p if s.top_p > 0 else 1.0,  # 0 (unset) means off
+            min_p=s.min_p,
+            repetition_penalty=s.repetition_penalty if s.repetition_penalty != 0 else 1.0,
+            seed=s.seed if s.HasField("seed") else None,
+        )
+    except ValueError as e:
+        raise RequestError(f"sampling: {e}") from e
+
+
+def prompt_ids(request: pb.GenerateRequest, engine: Engine) -> list[int]:
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise RequestError("one of text, chat or token_ids is required")
+    if kind == "token_ids":
+        if not request.token_ids.ids:
+            raise RequestError("token_ids is empty")
+        return list(request.token_ids.ids)
+    if kind == "text":
+        if not request.text:
+            raise RequestError("text is empty")
+        if len(request.text) > MAX_TEXT_CHARS:
+            raise RequestError(f"text is longer than {MAX_TEXT_CHARS} characters")
+        with _tokenizer_lock:
+            return engine.encode_text(request.text)
+    messages = request.chat.messages
+    if not messages:
+        raise RequestError("chat.messages is empty")
+    if len(messages) > MAX_CHAT_MESSAGES:
+        raise RequestError(f"chat has more than {MAX_CHAT_MESSAGES} messages")
+    total = sum(len(m.content) for m in messages)
+    if total > MAX_TEXT_CHARS:
+        raise RequestError(f"chat content is longer than {MAX_TEXT_CHARS} characters")
+    for i, m in enumerate(messages):
+        if m.role not in CHAT_ROLES:
+            raise RequestError(f"chat.messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}")
+    with _tokenizer_lock:
+        return engine.encode_chat([{"role": m.role, "content": m.content} for m in messages])
+
+
+def generation_request(request: pb.GenerateRequest, engine: Engine) -> GenerationRequest:
+    limits = engine.config
+    if len(request.stop) > MAX_STOP_STRINGS:
+        raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings are accepted")
+    for i, s in enumerate(request.stop):
+        if not s or len(s) > MAX_STOP_LENGTH:
+            raise RequestError(f"stop[{i}] must be 1 to {MAX_STOP_LENGTH} characters")
+    if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise RequestError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are accepted")
+    max_new = request.max_new_tokens or limits.default_max_new_tokens
+    if max_new > limits.max_new_tokens:
+        raise RequestError(f"max_new_tokens must be at most {limits.max_new_tokens}, got {max_new}")
+    params = sampling_params(request.sampling)
+    generation = GenerationRequest(
+        prompt_ids=prompt_ids(request, engine),
+        max_new_tokens=max_new,
+        sampling=params,
+        stop=list(request.stop),
+        stop_token_ids=list(request.stop_token_ids),
+        ignore_eos=request.ignore_eos,
+    )
+    engine.validate(generation)
+    return generation
