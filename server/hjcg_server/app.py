@@ -111,7 +111,7 @@ class HjcgServer:
             report = engine.warm([])
             log.info("warm-up: %s", report.get("message") or f"{len(report['graphs'])} graphs in "
                      f"{report['total_ms']:.0f} ms, {report['graph_bytes'] / 2**20:.1f} MiB")
-        self.worker = EngineWorker(engine, self.options.queue_size)
+        self.worker = EngineWorker(engine, self.options.queue_size, on_job_done=self.servicer.job_done)
         self.servicer.attach(engine, self.worker)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s (%s, mode %s)", engine.model_name, ", ".join(self.options.listen),

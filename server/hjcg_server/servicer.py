@@ -87,24 +87,34 @@ class HjcgServicer(pb_grpc.HjcgServicer):
                 yield self._finish(job, event, context, now)
                 return
             else:
-                self._log(job, None, "INTERNAL")
                 self._abort(context, grpc.StatusCode.INTERNAL, f"generation failed: {event}")
 
+    @staticmethod
+    def _usage(job: Job, finish: Finish) -> pb.Usage:
+        return pb.Usage(prompt_tokens=finish.prompt_tokens, completion_tokens=finish.completion_tokens,
+                        queue_ms=job.queue_ms, ttft_ms=job.queue_ms + finish.ttft_ms,
+                        total_ms=(time.perf_counter() - job.received) * 1e3)
+
     def _finish(self, job: Job, finish: Finish, context, now: float) -> pb.GenerateResponse:
-        usage = pb.Usage(prompt_tokens=finish.prompt_tokens, completion_tokens=finish.completion_tokens,
-                         queue_ms=job.queue_ms, ttft_ms=job.queue_ms + finish.ttft_ms,
-                         total_ms=(now - job.received) * 1e3)
+        return pb.GenerateResponse(request_id=job.request_id, finish=pb.GenerateFinish(
+            reason=_FINISH[finish.reason], usage=self._usage(job, finish), text=finish.text))
+
+    def job_done(self, job: Job, finish: Finish | None) -> None:
+        """Called on the engine thread when a job ends, whether or not its client is still there."""
+        if finish is None:
+            self._log(job, None, "INTERNAL")
+            self.metrics.status.labels(code="INTERNAL").inc()
+            return
+        usage = self._usage(job, finish)
         m = self.metrics
-        m.e2e.observe(now - job.received)
-        m.queue_time.observe(job.queue_ms / 1e3)
+        m.e2e.observe(usage.total_ms / 1e3)
+        m.queue_time.observe(usage.queue_ms / 1e3)
         m.prompt_tokens.inc(finish.prompt_tokens)
         m.generation_tokens.inc(finish.completion_tokens)
         m.finished.labels(finished_reason=finish.reason).inc()
-        code = "OK" if context.is_active() else "CANCELLED"
+        code = "CANCELLED" if job.cancel.is_set() else "OK"
         m.status.labels(code=code).inc()
         self._log(job, usage, code, finish.reason)
-        return pb.GenerateResponse(request_id=job.request_id, finish=pb.GenerateFinish(
-            reason=_FINISH[finish.reason], usage=usage, text=finish.text))
 
     @staticmethod
     def _log(job: Job, usage: pb.Usage | None, code: str, reason: str = "-") -> None:
