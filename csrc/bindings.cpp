@@ -47,6 +47,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = true;
   m.def("decode_attention", &hjcg::decode_attention_cuda, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("seq_len"), py::arg("scale"), py::arg("out"), py::arg("workspace"));
+  m.def("rms_norm", &hjcg::rms_norm_cuda, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"));
+  m.def("rope_cache", &hjcg::rope_cache_cuda, py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("positions"),
+        py::arg("heads"), py::arg("kv_heads"), py::arg("q_out"), py::arg("k_cache"), py::arg("v_cache"));
+  m.def("silu_mul", &hjcg::silu_mul_cuda, py::arg("gate_up"), py::arg("out"));
   hjcg::bind_graph_cache(m);
 #else
   m.attr("with_cuda") = false;

@@ -39,6 +39,12 @@ void pad_prompt_cuda(const torch::Tensor& prompt, int64_t start_pos, int64_t pad
 void decode_attention_cuda(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                            const torch::Tensor& seq_len, double scale, const torch::Tensor& out,
                            const torch::Tensor& workspace);
+void rms_norm_cuda(const torch::Tensor& x, const torch::Tensor& weight, double eps, const torch::Tensor& out);
+// qkv [S, (Hq + 2 Hkv) D]; cos, sin [T, D]; positions [S] int64; q_out [S, Hq, D]; caches [T, Hkv, D].
+void rope_cache_cuda(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                     const torch::Tensor& positions, int64_t heads, int64_t kv_heads, const torch::Tensor& q_out,
+                     const torch::Tensor& k_cache, const torch::Tensor& v_cache);
+void silu_mul_cuda(const torch::Tensor& gate_up, const torch::Tensor& out);
 #endif
 
 }  // namespace hjcg

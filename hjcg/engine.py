@@ -52,15 +52,21 @@ class Finish:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, loaded: model_source.LoadedModel | None = None):
+        """Loads config.model, or serves `loaded` (an in-memory model, e.g. random weights in benchmarks)."""
         self.config = config
-        loaded = model_source.load(config.model, torch.float32, config.cache_dir)
+        if loaded is None:
+            random = config.model.startswith("random:")
+            loaded = model_source.load(config.model, config.torch_dtype if random else torch.float32,
+                                       config.cache_dir, random_device=config.device)
         self.model_name, self.model_path = loaded.name, loaded.path
         self.tokenizer = loaded.tokenizer
         self.hf_config = loaded.hf_model.config
         self.vocab_size = int(self.hf_config.vocab_size)
         self.eos_ids = self._eos_ids(loaded)
-        hf_model = loaded.hf_model.to(config.torch_dtype)
+        hf_model = loaded.hf_model
+        if hf_model.dtype != config.torch_dtype:
+            hf_model = hf_model.to(config.torch_dtype)
         # Room for a prompt chunk padded up to the largest bucket past the end of the context.
         positions = config.max_context + max(config.prefill_buckets)
         self.model = FastLlama(hf_model, config.torch_device, config.torch_dtype, positions)

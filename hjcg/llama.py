@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from hjcg.kv_cache import KVCache
 
-# attention(layer, q [S, Hq, D], k [S, Hkv, D], v [S, Hkv, D]) -> [S, Hq, D]; k/v are already cached.
-Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# attention(layer, q [S, Hq, D]) -> [S, Hq, D], over the keys/values already in the cache.
+Attention = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 @dataclass(slots=True)
@@ -129,59 +129,86 @@ class FastLlama:
         return KVCache(s.num_layers, length, s.num_kv_heads, s.head_dim, self.device, self.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, attention: Attention,
-                logit_rows: torch.Tensor | None) -> torch.Tensor:
+                logit_rows: torch.Tensor | None, ops: "LayerOps | None" = None) -> torch.Tensor:
         """input_ids, positions: [S] int64; logit_rows: [R] int64 row indices (None: all rows).
 
         Writes the step's K/V into `cache` at `positions` and returns logits [R, vocab] in float32.
+        `ops` supplies the elementwise stages (plain torch by default; fused CUDA kernels in hybrid mode).
         """
+        ops = ops or TORCH_OPS
         s = self.shape
         x = F.embedding(input_ids, self.embed)                 # [S, H]
-        cos = self.cos.index_select(0, positions)[:, None, :]  # [S, 1, D]
-        sin = self.sin.index_select(0, positions)[:, None, :]
-        q_end = s.num_heads * s.head_dim
-        k_end = q_end + s.num_kv_heads * s.head_dim
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.input_norm, s.rms_norm_eps)
-            qkv = h @ layer.qkv.t()
-            q = qkv[:, :q_end].view(-1, s.num_heads, s.head_dim)
-            k = qkv[:, q_end:k_end].view(-1, s.num_kv_heads, s.head_dim)
-            v = qkv[:, k_end:].view(-1, s.num_kv_heads, s.head_dim)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            cache.write(i, positions, k, v)
-            attn = attention(i, q, k, v)                       # [S, Hq, D]
-            x = x + attn.reshape(-1, q_end) @ layer.o.t()
-            h = rms_norm(x, layer.post_norm, s.rms_norm_eps)
-            gate, up = (h @ layer.gate_up.t()).chunk(2, dim=-1)
-            x = x + (F.silu(gate) * up) @ layer.down.t()
+            h = ops.rms_norm(x, layer.input_norm, s.rms_norm_eps)
+            q = ops.rope_and_cache(h @ layer.qkv.t(), positions, self, cache, i)   # [S, Hq, D]
+            x = ops.residual_linear(x, attention(i, q).reshape(x.shape[0], -1), layer.o)
+            h = ops.rms_norm(x, layer.post_norm, s.rms_norm_eps)
+            x = ops.residual_linear(x, ops.silu_mul(h @ layer.gate_up.t()), layer.down)
         if logit_rows is not None:
             x = x.index_select(0, logit_rows)
-        x = rms_norm(x, self.norm, s.rms_norm_eps)
+        x = ops.rms_norm(x, self.norm, s.rms_norm_eps)
         return (x @ self.lm_head.t()).float()
+
+
+class LayerOps:
+    """The elementwise stages of a layer in plain torch: the reference the fused kernels must match."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm(x, weight, eps)
+
+    def rope_and_cache(self, qkv: torch.Tensor, positions: torch.Tensor, model: FastLlama, cache: KVCache,
+                       layer: int) -> torch.Tensor:
+        """qkv [S, (Hq + 2 Hkv) D] -> q [S, Hq, D] with RoPE; k (with RoPE) and v go into the cache."""
+        s = model.shape
+        q_end = s.num_heads * s.head_dim
+        k_end = q_end + s.num_kv_heads * s.head_dim
+        cos = model.cos.index_select(0, positions)[:, None, :]  # [S, 1, D]
+        sin = model.sin.index_select(0, positions)[:, None, :]
+        q = qkv[:, :q_end].view(-1, s.num_heads, s.head_dim)
+        k = qkv[:, q_end:k_end].view(-1, s.num_kv_heads, s.head_dim)
+        v = qkv[:, k_end:].view(-1, s.num_kv_heads, s.head_dim)
+        cache.write(layer, positions, k * cos + rotate_half(k) * sin, v)
+        return q * cos + rotate_half(q) * sin
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def residual_linear(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return x + h @ weight.t()
+
+
+TORCH_OPS = LayerOps()
 
 
 # --- attention variants -------------------------------------------------------------------------------
 
-def causal_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Prefill of a chunk that starts at position 0: the chunk attends causally to itself alone."""
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-    return out.transpose(0, 1)
+def causal_self_attention(cache: KVCache) -> Attention:
+    """Prefill of a chunk that starts at position 0: it attends causally to itself, cache rows [0, S)."""
+    def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
+        n = q.shape[0]
+        k, v = cache.k[layer, :n], cache.v[layer, :n]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                             is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(0, 1)
+    return attend
 
 
-def masked_cache_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                           positions: torch.Tensor) -> torch.Tensor:
-    """q [S, Hq, D] at `positions` attends to cached keys/values [T', Hkv, D] at positions <= its own."""
-    kv_pos = torch.arange(keys.shape[0], device=q.device)
-    mask = kv_pos[None, :] <= positions[:, None]               # [S, T']
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-                                         attn_mask=mask, enable_gqa=q.shape[1] != keys.shape[1])
-    return out.transpose(0, 1)
+def masked_cache_attention(cache: KVCache, positions: torch.Tensor, kv_len: int | None = None) -> Attention:
+    """q at `positions` attends to cached rows at positions <= its own; kv_len bounds the rows read
+    (None: the whole cache, so the shapes do not depend on the length: graph- and compile-safe)."""
+    def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
+        k = cache.k[layer] if kv_len is None else cache.k[layer, :kv_len]
+        v = cache.v[layer] if kv_len is None else cache.v[layer, :kv_len]
+        mask = torch.arange(k.shape[0], device=q.device)[None, :] <= positions[:, None]   # [S, T']
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                             attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(0, 1)
+    return attend
 
 
 def eager_attention(cache: KVCache, positions: torch.Tensor, start_pos: int, kv_len: int) -> Attention:
     """Host-known lengths (the eager path): a fresh prompt attends to itself, anything else to the cache."""
     if start_pos == 0:
-        return lambda layer, q, k, v: causal_self_attention(q, k, v)
-    return lambda layer, q, k, v: masked_cache_attention(
-        q, cache.k[layer, :kv_len], cache.v[layer, :kv_len], positions)
+        return causal_self_attention(cache)
+    return masked_cache_attention(cache, positions, kv_len)

@@ -114,11 +114,16 @@ def check_architecture(path: Path) -> None:
 
 
 def load(model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
-         cache_dir: str | os.PathLike | None = None) -> LoadedModel:
-    """Loads tokenizer and transformers model (on the CPU, in `dtype`) for a model spec."""
+         cache_dir: str | os.PathLike | None = None, random_device: str = "cpu") -> LoadedModel:
+    """Loads tokenizer and transformers model (on the CPU, in `dtype`) for a model spec.
+    "random:<shape>" builds random weights of a known shape on `random_device` instead."""
     _offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if model.startswith("random:"):
+        from hjcg.random_models import random_llama
+
+        return random_llama(model[len("random:"):], dtype, random_device)
     name, path = resolve(model, cache_dir)
     check_architecture(path)
     tokenizer = AutoTokenizer.from_pretrained(path)

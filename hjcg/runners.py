@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from hjcg.llama import FastLlama, causal_self_attention, eager_attention, masked_cache_attention
+from hjcg.llama import FastLlama, eager_attention, masked_cache_attention
 from hjcg.sampling import SamplerState, SamplingParams
 
 
@@ -76,15 +76,10 @@ class CompiledRunner(EagerRunner):
         self._step = torch.compile(self._decode_step, dynamic=False, fullgraph=False)
 
     def _decode_step(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cache = self.cache
-
-        def attention(layer, q, k, v):
-            return masked_cache_attention(q, cache.k[layer], cache.v[layer], positions)
-
-        return self.model.forward(token, positions, cache, attention, None)
+        return self.model.forward(token, positions, self.cache, masked_cache_attention(self.cache, positions), None)
 
     def decode(self, token: torch.Tensor, position: int) -> torch.Tensor:
         return self._step(token, torch.tensor([position], device=self.model.device))
 
 
-__all__ = ["EagerRunner", "CompiledRunner", "chunks", "causal_self_attention"]
+__all__ = ["EagerRunner", "CompiledRunner", "chunks"]

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (bare, no registry): build the extension for sm_90, run the GPU tests,
+# run the benchmarks; everything lands under $OUT (logs, JSON, CSV, PNG).
+#   STAGES="build test bench" bash bench/gpu_run.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/latest}
+mkdir -p "$OUT"
+STAGES=${STAGES:-"build test bench"}
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONPATH="$PWD:$PWD/server:$PWD/client:${PYTHONPATH:-}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# Python packages the GPU image lacks travel as wheels in .whl/ (see bench/README.md)
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; python3 -c 'import torch,transformers,grpc;print("torch",torch.__version__,"cuda",torch.version.cuda,"transformers",transformers.__version__,"grpc",grpc.__version__)'; git rev-parse HEAD 2>/dev/null; } | tee "$OUT/env.txt"
+rc=0
+if [[ " $STAGES " == *" build "* ]]; then
+  start=$(date +%s)
+  python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+  echo "build: $(( $(date +%s) - start )) s"
+fi
+if [[ " $STAGES " == *" test "* ]]; then
+  python3 -m pytest -q -x -m gpu -p no:cacheprovider tests ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
+  rc=${PIPESTATUS[0]}
+fi
+if [[ " $STAGES " == *" bench "* ]]; then
+  python3 -m bench run --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60
+  rc=$(( rc | PIPESTATUS[0] ))
+fi
+exit $rc
