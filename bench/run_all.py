@@ -1,0 +1,193 @@
+"""The benchmark suite of BENCH_PROTOCOL.md in one run: floors, every system side by side on the
+Llama-2-7B shape (and SmolLM2-135M), bucket sets, the rolling cache, and end to end through gRPC."""
+from __future__ import annotations
+
+import gc
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from bench import grpc_bench
+from bench.common import PROMPT_LENGTHS, environment, floors, model_floors, now, summary
+from bench.systems import HFEager, HFStaticCompiled, HjcgSystem, SeedPaper, measure
+from hjcg.random_models import random_llama
+
+DECODE_TOKENS = 397
+
+
+def prompts_for(vocab: int, lengths=PROMPT_LENGTHS, seed: int = 0) -> dict[int, list[int]]:
+    rng = random.Random(seed)
+    return {n: [rng.randrange(3, vocab) for _ in range(n)] for n in lengths}
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run_system(make, prompts, ttft_runs, decode_tokens, decode_runs, results, extra=None):
+    name = "?"
+    try:
+        start = now()
+        system = make()
+        name = system.name
+        log(f"{name}: set up in {now() - start:.1f} s")
+        record = measure(system, prompts, ttft_runs, prompts[10], decode_tokens, decode_runs)
+        if extra:
+            record.update(extra(system))
+        system.close()
+        results[name] = record
+        ttft10 = summary(record["ttft"][10])["median_ms"]
+        dec = summary(record["decode"]).get("median_ms", float("nan"))
+        log(f"{name}: TTFT(10) {ttft10:.2f} ms, decode median {dec:.2f} ms/token")
+    except Exception as e:  # one failing baseline must not sink the run; the error is in the results
+        log(f"{name}: FAILED {type(e).__name__}: {e}")
+        results[getattr(make, "label", name)] = {"error": f"{type(e).__name__}: {e}"}
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def long_context_decode(system: HjcgSystem, vocab: int, contexts=(1024, 2048, 4096), tokens: int = 64) -> dict:
+    rng = random.Random(1)
+    out = {}
+    for n in contexts:
+        ids = [rng.randrange(3, vocab) for _ in range(n)]
+        system.decode(ids, 4)
+        out[n] = system.decode(ids, tokens)
+    return {"decode_at_context": out}
+
+
+def llama7b_systems(loaded, quick: bool) -> dict:
+    vocab = loaded.hf_model.config.vocab_size
+    prompts = prompts_for(vocab)
+    runs = 20 if quick else 100
+    results: dict = {}
+
+    def hjcg(mode, **kw):
+        make = lambda: HjcgSystem(loaded, mode, **kw)
+        make.label = f"hjcg-{mode}"
+        return make
+
+    run_system(hjcg("hybrid"), prompts, runs, DECODE_TOKENS, 1 if quick else 3, results,
+               extra=lambda s: {**long_context_decode(s, vocab), "warm": s.warm_report})
+    run_system(hjcg("graphs"), prompts, max(20, runs // 2), DECODE_TOKENS, 1, results,
+               extra=lambda s: {"warm": s.warm_report})
+    run_system(hjcg("eager"), prompts, 20, 100, 1, results)
+    run_system(hjcg("compiled", max_context=1024), prompts, 20, DECODE_TOKENS, 1, results)
+    run_system(lambda: HFEager(loaded.hf_model), prompts, 20, 100, 1, results)
+    run_system(lambda: HFStaticCompiled(loaded.hf_model), prompts, 50 if not quick else 10, DECODE_TOKENS, 1,
+               results)
+    run_system(lambda: SeedPaper(loaded.hf_model, PROMPT_LENGTHS), prompts, runs, 0, 0, results,
+               extra=lambda s: {"capture_s": s.capture_s, "graph_bytes": s.graph_bytes})
+    return results
+
+
+def smollm_systems(quick: bool) -> tuple[dict, dict]:
+    loaded = random_llama("smollm2-135m", torch.float16, "cuda", seed=0)
+    prompts = prompts_for(loaded.hf_model.config.vocab_size)
+    results: dict = {}
+    run_system(lambda: HjcgSystem(loaded, "hybrid"), prompts, 20 if quick else 100, DECODE_TOKENS, 1, results)
+    run_system(lambda: HFEager(loaded.hf_model), prompts, 20, 100, 1, results)
+    run_system(lambda: HFStaticCompiled(loaded.hf_model), prompts, 20, DECODE_TOKENS, 1, results)
+    return results, {"parameters": sum(p.numel() for p in loaded.hf_model.parameters())}
+
+
+BUCKET_SETS = {
+    "sparse-default": (16, 32, 64, 128, 256, 512),
+    "power-of-two": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    "dense-16": tuple(range(16, 513, 16)),
+    "exact-lengths": PROMPT_LENGTHS,
+}
+
+
+def bucket_sets(loaded, quick: bool) -> dict:
+    """The paper's coverage table redone: warm-up time, graph memory and TTFT for several bucket sets."""
+    prompts = prompts_for(loaded.hf_model.config.vocab_size)
+    out = {}
+    for label, buckets in BUCKET_SETS.items():
+        try:
+            torch.cuda.synchronize()
+            system = HjcgSystem(loaded, "hybrid", max_context=1024, buckets=buckets, graph_cache_max_entries=64,
+                                graph_cache_max_bytes=16 << 30)
+            ttft = {n: summary([system.ttft(ids) for _ in range(10 if quick else 30)])["median_ms"]
+                    for n, ids in prompts.items()}
+            report = system.warm_report
+            out[label] = {"buckets": list(buckets), "warm_ms": report["total_ms"],
+                          "graph_bytes": report["graph_bytes"], "ttft_median_ms": ttft}
+            log(f"buckets {label}: {len(buckets)} graphs, warm {report['total_ms'] / 1e3:.1f} s, "
+                f"{report['graph_bytes'] / 2**20:.0f} MiB")
+            system.close()
+        except Exception as e:
+            out[label] = {"error": f"{type(e).__name__}: {e}"}
+            log(f"buckets {label}: FAILED {e}")
+    return out
+
+
+def rolling_cache(loaded, quick: bool) -> dict:
+    """Random prompt lengths 1-2048 through a cache with a budget: hits, captures, evictions, memory."""
+    budget = 1 << 30
+    system = HjcgSystem(loaded, "hybrid", max_context=2304, buckets=(16, 32, 64, 128, 256, 512, 1024, 2048),
+                        graph_cache_max_entries=6, graph_cache_max_bytes=budget, max_prompt_tokens=2048)
+    vocab = loaded.hf_model.config.vocab_size
+    rng = random.Random(7)
+    timeline = []
+    for i in range(40 if quick else 120):
+        n = rng.randint(1, 2048)
+        ids = [rng.randrange(3, vocab) for _ in range(n)]
+        before = system.runner.graph_stats()
+        ttft = system.ttft(ids)
+        stats = system.runner.graph_stats()
+        timeline.append({"request": i, "prompt_tokens": n, "ttft_ms": ttft * 1e3,
+                         "hit": stats["captures"] == before["captures"], "entries": stats["entries"],
+                         "bytes": stats["bytes"], "captures": stats["captures"], "evictions": stats["evictions"],
+                         "reserved_bytes": torch.cuda.memory_reserved()})
+    final = system.runner.graph_stats()
+    system.close()
+    hits = sum(t["hit"] for t in timeline)
+    log(f"rolling cache: {hits}/{len(timeline)} requests without a capture, {final['evictions']} evictions, "
+        f"max {max(t['bytes'] for t in timeline) / 2**20:.0f} MiB of {budget / 2**20:.0f}")
+    return {"budget_bytes": budget, "max_entries": 6, "timeline": timeline, "final": final}
+
+
+def run(out: Path, quick: bool = False, sections: tuple[str, ...] = ()) -> dict:
+    want = lambda s: not sections or s in sections
+    results: dict = {"environment": environment(), "protocol": "shared/BENCH_PROTOCOL.md", "quick": quick}
+    log(f"environment: {results['environment']}")
+    rates = floors()
+    results["floors"] = rates
+    log(f"floors: copy {rates['copy_bytes_per_s'] / 1e12:.2f} TB/s, matmul {rates['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
+    if want("llama7b") or want("buckets") or want("cache"):
+        start = now()
+        loaded = random_llama("llama2-7b", torch.float16, "cuda", seed=0)
+        log(f"llama2-7b random weights in {now() - start:.1f} s")
+        results["llama2_7b"] = {"floors": model_floors(loaded.hf_model, rates)}
+        if want("llama7b"):
+            results["llama2_7b"]["systems"] = llama7b_systems(loaded, quick)
+            _save(out, results)
+        if want("buckets"):
+            results["llama2_7b"]["bucket_sets"] = bucket_sets(loaded, quick)
+        if want("cache"):
+            results["llama2_7b"]["rolling_cache"] = rolling_cache(loaded, quick)
+        del loaded
+        gc.collect()
+        torch.cuda.empty_cache()
+        _save(out, results)
+    if want("smollm"):
+        systems, info = smollm_systems(quick)
+        results["smollm2_135m"] = {"systems": systems, **info}
+        _save(out, results)
+    if want("grpc"):
+        try:
+            results["grpc"] = grpc_bench.run(quick)
+        except Exception as e:
+            results["grpc"] = {"error": f"{type(e).__name__}: {e}"}
+            log(f"grpc: FAILED {e}")
+        _save(out, results)
+    return results
+
+
+def _save(out: Path, results: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "raw.json").write_text(json.dumps(results, default=str))
