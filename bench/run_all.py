@@ -163,6 +163,11 @@ def run(out: Path, quick: bool = False, sections: tuple[str, ...] = ()) -> dict:
         loaded = random_llama("llama2-7b", torch.float16, "cuda", seed=0)
         log(f"llama2-7b random weights in {now() - start:.1f} s")
         results["llama2_7b"] = {"floors": model_floors(loaded.hf_model, rates)}
+        if want("profile"):
+            from bench import profile_steps
+
+            results["llama2_7b"]["profile"] = profile_steps.run(loaded, out / "profile.txt")
+            log(f"graph replay times (ms): {results['llama2_7b']['profile']['graph_replay_ms']}")
         if want("llama7b"):
             results["llama2_7b"]["systems"] = llama7b_systems(loaded, quick)
             _save(out, results)

@@ -192,6 +192,7 @@ class SeedPaper:
         self.graph_bytes += torch.cuda.memory_reserved() - before
         self.graphs[n] = (graph, ids, out)
 
+    @torch.inference_mode()
     def step_time(self, ids: list[int]) -> float:
         graph, static_ids, out = self.graphs[len(ids)]
         start = now()

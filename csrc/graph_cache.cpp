@@ -54,14 +54,16 @@ class GraphCache {
     Graph graph;
     int64_t bytes = 0;
     try {
-      c10::cuda::device_synchronize();
-      c10::cuda::CUDACachingAllocator::emptyCache();
-      const int64_t before = reserved_bytes(device);
       auto side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device);
+      int64_t before = 0;
       {
         const c10::cuda::CUDAStreamGuard guard(side);
+        c10::cuda::device_synchronize();
         for (int i = 0; i < warmup; ++i) fn();  // first-call work (handles, autotuning) stays out of the graph
         c10::cuda::device_synchronize();
+        // measured after the warm-up, so the figure is the graph's own pool and nothing else
+        c10::cuda::CUDACachingAllocator::emptyCache();
+        before = reserved_bytes(device);
         graph = std::make_shared<at::cuda::CUDAGraph>();
         graph->capture_begin();
         try {

@@ -171,7 +171,11 @@ class GraphRunner:
             pending.append(slot)
             step += 1
 
-        push()  # the first token, from prefill
+        push()  # the first token, from prefill: streamed before any decode step is queued behind it
+        slot = pending.popleft()
+        self.events[slot].synchronize()
+        yield int(self.host_tokens[slot])
+        # then one step of lookahead: step k+1 is queued on the GPU while the host hands out token k
         while True:
             if position < self.context_length:
                 self._decode()

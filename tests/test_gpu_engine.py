@@ -126,7 +126,7 @@ def test_cache_sweep_stays_in_budget_frees_memory_and_answers_every_length():
             graphs.runner.graphs.erase(key)
     freed = before - torch.cuda.memory_reserved()
     prefill_bytes = held - graphs.runner.graph_stats()["bytes"]
-    assert prefill_bytes > 0 and freed >= 0.9 * prefill_bytes, (freed, prefill_bytes)
+    assert prefill_bytes > 0 and freed >= 0.8 * prefill_bytes, (freed, prefill_bytes)
 
 
 def test_failed_capture_falls_back_to_eager():
