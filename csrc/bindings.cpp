@@ -51,6 +51,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_cache", &hjcg::rope_cache_cuda, py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("positions"),
         py::arg("heads"), py::arg("kv_heads"), py::arg("q_out"), py::arg("k_cache"), py::arg("v_cache"));
   m.def("silu_mul", &hjcg::silu_mul_cuda, py::arg("gate_up"), py::arg("out"));
+  m.def("gemv_supported", &hjcg::gemv_supported, py::arg("x"), py::arg("weight"));
+  m.def("gemv", &hjcg::gemv_cuda, py::arg("x"), py::arg("weight"), py::arg("norm_weight"), py::arg("eps"),
+        py::arg("residual"), py::arg("out"));
   hjcg::bind_graph_cache(m);
 #else
   m.attr("with_cuda") = false;

@@ -45,6 +45,10 @@ void rope_cache_cuda(const torch::Tensor& qkv, const torch::Tensor& cos, const t
                      const torch::Tensor& positions, int64_t heads, int64_t kv_heads, const torch::Tensor& q_out,
                      const torch::Tensor& k_cache, const torch::Tensor& v_cache);
 void silu_mul_cuda(const torch::Tensor& gate_up, const torch::Tensor& out);
+// One-token GEMV: out = residual + (rms_norm(x) * norm_weight if given, else x) @ weight.T
+bool gemv_supported(const torch::Tensor& x, const torch::Tensor& weight);
+void gemv_cuda(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& norm_weight,
+               double eps, const c10::optional<torch::Tensor>& residual, const torch::Tensor& out);
 #endif
 
 }  // namespace hjcg

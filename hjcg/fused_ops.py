@@ -14,6 +14,14 @@ class FusedCudaOps(LayerOps):
         _C.rms_norm(x.contiguous(), weight, eps, out)
         return out
 
+    def norm_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                    weight: torch.Tensor) -> torch.Tensor:
+        if _C.gemv_supported(x, weight):  # one token: the norm rides inside the weight-streaming GEMV
+            out = torch.empty(1, weight.shape[0], device=x.device, dtype=x.dtype)
+            _C.gemv(x, weight, norm_weight, eps, None, out)
+            return out
+        return self.rms_norm(x, norm_weight, eps) @ weight.t()
+
     def rope_and_cache(self, qkv: torch.Tensor, positions: torch.Tensor, model: FastLlama, cache: KVCache,
                        layer: int) -> torch.Tensor:
         s = model.shape
@@ -28,6 +36,10 @@ class FusedCudaOps(LayerOps):
         return out
 
     def residual_linear(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        h = h.contiguous()
+        if _C.gemv_supported(h, weight):  # one token: GEMV adding into x in place (row n reads x[n] first)
+            _C.gemv(h, weight, None, 0.0, x, x)
+            return x
         # the residual add rides in the GEMM's epilogue (beta = 1, in place) instead of a separate kernel
         return x.addmm_(h, weight.t())
 

@@ -138,16 +138,16 @@ class FastLlama:
         ops = ops or TORCH_OPS
         s = self.shape
         x = F.embedding(input_ids, self.embed)                 # [S, H]
+        eps = s.rms_norm_eps
         for i, layer in enumerate(self.layers):
-            h = ops.rms_norm(x, layer.input_norm, s.rms_norm_eps)
-            q = ops.rope_and_cache(h @ layer.qkv.t(), positions, self, cache, i)   # [S, Hq, D]
+            qkv = ops.norm_linear(x, layer.input_norm, eps, layer.qkv)
+            q = ops.rope_and_cache(qkv, positions, self, cache, i)                # [S, Hq, D]
             x = ops.residual_linear(x, attention(i, q).reshape(x.shape[0], -1), layer.o)
-            h = ops.rms_norm(x, layer.post_norm, s.rms_norm_eps)
-            x = ops.residual_linear(x, ops.silu_mul(h @ layer.gate_up.t()), layer.down)
+            gate_up = ops.norm_linear(x, layer.post_norm, eps, layer.gate_up)
+            x = ops.residual_linear(x, ops.silu_mul(gate_up), layer.down)
         if logit_rows is not None:
             x = x.index_select(0, logit_rows)
-        x = ops.rms_norm(x, self.norm, s.rms_norm_eps)
-        return (x @ self.lm_head.t()).float()
+        return ops.norm_linear(x, self.norm, eps, self.lm_head).float()
 
 
 class LayerOps:
@@ -155,6 +155,11 @@ class LayerOps:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm(x, weight, eps)
+
+    def norm_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                    weight: torch.Tensor) -> torch.Tensor:
+        """rms_norm(x) @ weight.T"""
+        return self.rms_norm(x, norm_weight, eps) @ weight.t()
 
     def rope_and_cache(self, qkv: torch.Tensor, positions: torch.Tensor, model: FastLlama, cache: KVCache,
                        layer: int) -> torch.Tensor:
@@ -188,9 +193,11 @@ def causal_self_attention(cache: KVCache) -> Attention:
     def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
         n = q.shape[0]
         k, v = cache.k[layer, :n], cache.v[layer, :n]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-        return out.transpose(0, 1)
+        # 4-D [1, H, S, D]: with 3-D inputs SDPA takes its slow math path instead of flash attention
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                             v.transpose(0, 1)[None], is_causal=True,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return out[0].transpose(0, 1)
     return attend
 
 
@@ -201,9 +208,10 @@ def masked_cache_attention(cache: KVCache, positions: torch.Tensor, kv_len: int 
         k = cache.k[layer] if kv_len is None else cache.k[layer, :kv_len]
         v = cache.v[layer] if kv_len is None else cache.v[layer, :kv_len]
         mask = torch.arange(k.shape[0], device=q.device)[None, :] <= positions[:, None]   # [S, T']
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
-        return out.transpose(0, 1)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                             v.transpose(0, 1)[None], attn_mask=mask[None, None],
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return out[0].transpose(0, 1)
     return attend
 
 

@@ -147,3 +147,22 @@ def test_fused_layer_ops_match_torch(dtype, tol):
     q_plain = plain.rope_and_cache(qkv, positions, model, caches[1], 1)
     assert rel(q_fused, q_plain) < tol
     assert rel(caches[0].k[1], caches[1].k[1]) < tol and torch.equal(caches[0].v[1], caches[1].v[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k,n", [(4096, 12288), (11008, 4096), (576, 49152), (4096, 32000), (1536, 577)])
+def test_gemv_with_fused_norm_and_residual_matches_torch(dtype, k, n):
+    from hjcg.llama import rms_norm
+
+    x = torch.randn(1, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype) * k ** -0.5
+    g = torch.randn(k, device="cuda", dtype=dtype)
+    residual = torch.randn(1, n, device="cuda", dtype=dtype)
+    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+    tol = 2e-3 if dtype == torch.float16 else 1e-2
+    out = torch.full((1, n), float("nan"), device="cuda", dtype=dtype)
+    _C.gemv(x, w, g, 1e-5, None, out)
+    assert rel(out, rms_norm(x, g, 1e-5).double() @ w.double().t()) < tol
+    expected = residual.double() + x.double() @ w.double().t()
+    _C.gemv(x, w, None, 0.0, residual, residual)  # in place, as the decode step adds into the residual stream
+    assert rel(residual, expected) < tol
