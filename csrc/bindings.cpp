@@ -52,7 +52,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("heads"), py::arg("kv_heads"), py::arg("q_out"), py::arg("k_cache"), py::arg("v_cache"));
   m.def("silu_mul", &hjcg::silu_mul_cuda, py::arg("gate_up"), py::arg("out"));
   m.def("gemv_supported", &hjcg::gemv_supported, py::arg("x"), py::arg("weight"));
-  m.def("gemv", &hjcg::gemv_cuda, py::arg("x"), py::arg("weight"), py::arg("norm_weight"), py::arg("eps"),
+  m.def("gemv", &hjcg::gemv_cuda, py::arg("x"), py::arg("weight"), py::arg("rms_eps"), py::arg("silu_mul"),
         py::arg("residual"), py::arg("out"));
   hjcg::bind_graph_cache(m);
 #else

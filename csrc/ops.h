@@ -45,10 +45,11 @@ void rope_cache_cuda(const torch::Tensor& qkv, const torch::Tensor& cos, const t
                      const torch::Tensor& positions, int64_t heads, int64_t kv_heads, const torch::Tensor& q_out,
                      const torch::Tensor& k_cache, const torch::Tensor& v_cache);
 void silu_mul_cuda(const torch::Tensor& gate_up, const torch::Tensor& out);
-// One-token GEMV: out = residual + (rms_norm(x) * norm_weight if given, else x) @ weight.T
+// One-token GEMV: out = residual + s * x' @ weight.T, x' = x or silu(gate) * up (silu_mul, x = [gate, up]),
+// s = 1 / rms(x) when rms_eps >= 0 (the norm's weight folded into weight's columns), else 1.
 bool gemv_supported(const torch::Tensor& x, const torch::Tensor& weight);
-void gemv_cuda(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& norm_weight,
-               double eps, const c10::optional<torch::Tensor>& residual, const torch::Tensor& out);
+void gemv_cuda(const torch::Tensor& x, const torch::Tensor& weight, double rms_eps, bool silu_mul,
+               const c10::optional<torch::Tensor>& residual, const torch::Tensor& out);
 #endif
 
 }  // namespace hjcg

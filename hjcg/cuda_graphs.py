@@ -48,6 +48,8 @@ class GraphRunner:
         self.mode = config.mode
         self.model = model
         self.fused = config.mode == "hybrid"
+        if self.fused:
+            model.fold_norm_weights()
         self.ops: LayerOps = FusedCudaOps() if self.fused else LayerOps()
         self.buckets = list(config.prefill_buckets)
         self.context_length = config.max_context

@@ -9,6 +9,9 @@ from hjcg.native import _C
 
 
 class FusedCudaOps(LayerOps):
+    """Needs a model whose norm weights are folded (FastLlama.fold_norm_weights): the one-token GEMV
+    applies the norm as a scale."""
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         out = torch.empty_like(x)
         _C.rms_norm(x.contiguous(), weight, eps, out)
@@ -16,9 +19,9 @@ class FusedCudaOps(LayerOps):
 
     def norm_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                     weight: torch.Tensor) -> torch.Tensor:
-        if _C.gemv_supported(x, weight):  # one token: the norm rides inside the weight-streaming GEMV
+        if _C.gemv_supported(x, weight):  # one token: the norm is a scale inside the weight-streaming GEMV
             out = torch.empty(1, weight.shape[0], device=x.device, dtype=x.dtype)
-            _C.gemv(x, weight, norm_weight, eps, None, out)
+            _C.gemv(x, weight, eps, False, None, out)
             return out
         return self.rms_norm(x, norm_weight, eps) @ weight.t()
 
@@ -38,10 +41,16 @@ class FusedCudaOps(LayerOps):
     def residual_linear(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         h = h.contiguous()
         if _C.gemv_supported(h, weight):  # one token: GEMV adding into x in place (row n reads x[n] first)
-            _C.gemv(h, weight, None, 0.0, x, x)
+            _C.gemv(h, weight, -1.0, False, x, x)
             return x
         # the residual add rides in the GEMM's epilogue (beta = 1, in place) instead of a separate kernel
         return x.addmm_(h, weight.t())
+
+    def mlp_down(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        if _C.gemv_supported(gate_up, down):  # one token: SiLU-and-multiply read straight from gate_up
+            _C.gemv(gate_up, down, -1.0, True, x, x)
+            return x
+        return self.residual_linear(x, self.silu_mul(gate_up), down)
 
 
 def decode_attention(cache: KVCache, seq_len: torch.Tensor, splits: int):

@@ -124,6 +124,21 @@ class FastLlama:
         sin = (emb.sin() * scale).to(device=self.device, dtype=self.dtype)
         return cos, sin
 
+    def fold_norm_weights(self) -> None:
+        """Folds each RMSNorm's weight into the columns of the matrix that follows it (W' = W diag(g)), so
+        the fused decode GEMV applies the norm as one scale; the norms keep unit weights. New tensors:
+        the transformers model's own weights stay untouched."""
+        if getattr(self, "norms_folded", False):
+            return
+        for layer in self.layers:
+            layer.qkv = (layer.qkv * layer.input_norm[None, :]).contiguous()
+            layer.gate_up = (layer.gate_up * layer.post_norm[None, :]).contiguous()
+            layer.input_norm = torch.ones_like(layer.input_norm)
+            layer.post_norm = torch.ones_like(layer.post_norm)
+        self.lm_head = (self.lm_head * self.norm[None, :]).contiguous()
+        self.norm = torch.ones_like(self.norm)
+        self.norms_folded = True
+
     def new_cache(self, length: int) -> KVCache:
         s = self.shape
         return KVCache(s.num_layers, length, s.num_kv_heads, s.head_dim, self.device, self.dtype)
@@ -144,7 +159,7 @@ class FastLlama:
             q = ops.rope_and_cache(qkv, positions, self, cache, i)                # [S, Hq, D]
             x = ops.residual_linear(x, attention(i, q).reshape(x.shape[0], -1), layer.o)
             gate_up = ops.norm_linear(x, layer.post_norm, eps, layer.gate_up)
-            x = ops.residual_linear(x, ops.silu_mul(gate_up), layer.down)
+            x = ops.mlp_down(x, gate_up, layer.down)
         if logit_rows is not None:
             x = x.index_select(0, logit_rows)
         return ops.norm_linear(x, self.norm, eps, self.lm_head).float()
@@ -181,6 +196,10 @@ class LayerOps:
 
     def residual_linear(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x + h @ weight.t()
+
+    def mlp_down(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """x + silu(gate) * up @ down.T"""
+        return self.residual_linear(x, self.silu_mul(gate_up), down)
 
 
 TORCH_OPS = LayerOps()

@@ -150,19 +150,20 @@ def test_fused_layer_ops_match_torch(dtype, tol):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("k,n", [(4096, 12288), (11008, 4096), (576, 49152), (4096, 32000), (1536, 577)])
-def test_gemv_with_fused_norm_and_residual_matches_torch(dtype, k, n):
-    from hjcg.llama import rms_norm
-
+@pytest.mark.parametrize("k,n", [(4096, 12288), (11008, 4096), (576, 49152), (4096, 32000), (1536, 577), (8, 3)])
+def test_gemv_with_fused_norm_activation_and_residual_matches_torch(dtype, k, n):
     x = torch.randn(1, k, device="cuda", dtype=dtype)
     w = torch.randn(n, k, device="cuda", dtype=dtype) * k ** -0.5
-    g = torch.randn(k, device="cuda", dtype=dtype)
     residual = torch.randn(1, n, device="cuda", dtype=dtype)
     rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
     tol = 2e-3 if dtype == torch.float16 else 1e-2
     out = torch.full((1, n), float("nan"), device="cuda", dtype=dtype)
-    _C.gemv(x, w, g, 1e-5, None, out)
-    assert rel(out, rms_norm(x, g, 1e-5).double() @ w.double().t()) < tol
-    expected = residual.double() + x.double() @ w.double().t()
-    _C.gemv(x, w, None, 0.0, residual, residual)  # in place, as the decode step adds into the residual stream
+    _C.gemv(x, w, 1e-5, False, None, out)  # the norm as a scale (its weight folded into w)
+    x64 = x.double()
+    normed = x64 * torch.rsqrt(x64.pow(2).mean() + 1e-5)
+    assert rel(out, normed @ w.double().t()) < tol
+    gate_up = torch.randn(1, 2 * k, device="cuda", dtype=dtype)
+    act = torch.nn.functional.silu(gate_up[:, :k]) * gate_up[:, k:]
+    expected = residual.double() + act.double() @ w.double().t()
+    _C.gemv(gate_up, w, -1.0, True, residual, residual)  # in place into the residual stream
     assert rel(residual, expected) < tol
