@@ -33,6 +33,32 @@ def _smoke(out: Path) -> dict:
             "llama2_7b": {"floors": floors, "systems": systems}}
 
 
+def _merge(into: dict, other: dict) -> dict:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        elif key not in into:
+            into[key] = value
+    return into
+
+
+def _merged(out: Path) -> dict:
+    """raw.json, or the parts of one suite run in several calls (raw-*.json, same commit) merged."""
+    parts = sorted(out.glob("raw-*.json"))
+    if not parts:
+        return json.loads((out / "raw.json").read_text())
+    raws = [json.loads(p.read_text()) for p in parts]
+    commits = {r["environment"]["commit"] for r in raws}
+    if len(commits) != 1:
+        raise SystemExit(f"parts come from different commits: {commits}")
+    merged: dict = {}
+    for r in raws:
+        _merge(merged, r)
+    merged["parts"] = [p.name for p in parts]
+    (out / "raw.json").write_text(json.dumps(merged, default=str))
+    return merged
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,7 +81,7 @@ def main(argv=None) -> int:
 
         raw = run(out, quick=args.quick, sections=tuple(x for x in args.sections.split(",") if x))
     elif args.command == "report":
-        raw = json.loads((out / "raw.json").read_text())
+        raw = _merged(out)
     else:
         raw = _smoke(out)
         (out / "raw.json").write_text(json.dumps(raw, default=str))

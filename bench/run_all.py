@@ -158,7 +158,7 @@ def run(out: Path, quick: bool = False, sections: tuple[str, ...] = ()) -> dict:
     rates = floors()
     results["floors"] = rates
     log(f"floors: copy {rates['copy_bytes_per_s'] / 1e12:.2f} TB/s, matmul {rates['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
-    if want("llama7b") or want("buckets") or want("cache"):
+    if want("llama7b") or want("buckets") or want("cache") or want("profile"):
         start = now()
         loaded = random_llama("llama2-7b", torch.float16, "cuda", seed=0)
         log(f"llama2-7b random weights in {now() - start:.1f} s")
