@@ -16,8 +16,7 @@ namespace hjcg {
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
-constexpr int kRowsPerWarp = 4;
-constexpr int kUnroll = 2;
+constexpr int kLoadsInFlight = 8;  // per lane: rows per warp x unroll
 constexpr int kChunk = 32 * 8;  // elements one warp covers with one 16-byte load per lane
 
 template <typename T> struct Pair;
@@ -59,10 +58,11 @@ __device__ __forceinline__ void load_input(const T* __restrict__ x, int64_t k, i
   }
 }
 
-template <typename T, bool kSiluMul>
+template <typename T, bool kSiluMul, int kRowsPerWarp>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) gemv_kernel(
     const T* __restrict__ x, const T* __restrict__ weight, int64_t k_dim, int64_t n_dim, float rms_eps,
     const T* residual, T* out) {
+  constexpr int kUnroll = kLoadsInFlight / kRowsPerWarp;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp) * kRowsPerWarp;
   if (row0 >= n_dim) return;
@@ -130,20 +130,29 @@ void gemv_cuda(const torch::Tensor& x, const torch::Tensor& weight, double rms_e
   if (residual) TORCH_CHECK(residual->numel() == n_dim && residual->is_contiguous() &&
                                 residual->scalar_type() == x.scalar_type(), "gemv: residual [1, N] of x's dtype");
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t rows_per_block = kWarpsPerBlock * kRowsPerWarp;
+  // Enough warps to keep every SM streaming: one row per warp for narrow matrices (o, down projections),
+  // several (sharing each load of x) for wide ones.
+  const int rows_per_warp = n_dim >= 16384 ? 4 : (n_dim >= 8192 ? 2 : 1);
+  const int64_t rows_per_block = kWarpsPerBlock * rows_per_warp;
   const int blocks = static_cast<int>((n_dim + rows_per_block - 1) / rows_per_block);
-  auto launch = [&](auto tag, auto silu) {
+  auto launch = [&](auto tag, auto silu, auto rows) {
     using T = decltype(tag);
-    gemv_kernel<T, decltype(silu)::value><<<blocks, kWarpsPerBlock * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(weight.data_ptr()), k_dim, n_dim,
-        static_cast<float>(rms_eps), residual ? reinterpret_cast<const T*>(residual->data_ptr()) : nullptr,
-        reinterpret_cast<T*>(out.data_ptr()));
+    gemv_kernel<T, decltype(silu)::value, decltype(rows)::value>
+        <<<blocks, kWarpsPerBlock * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(weight.data_ptr()), k_dim, n_dim,
+            static_cast<float>(rms_eps), residual ? reinterpret_cast<const T*>(residual->data_ptr()) : nullptr,
+            reinterpret_cast<T*>(out.data_ptr()));
+  };
+  auto by_rows = [&](auto tag, auto silu) {
+    if (rows_per_warp == 4) launch(tag, silu, std::integral_constant<int, 4>{});
+    else if (rows_per_warp == 2) launch(tag, silu, std::integral_constant<int, 2>{});
+    else launch(tag, silu, std::integral_constant<int, 1>{});
   };
   const bool half = x.scalar_type() == torch::kFloat16;
-  if (half && silu_mul) launch(__half{}, std::true_type{});
-  else if (half) launch(__half{}, std::false_type{});
-  else if (silu_mul) launch(__nv_bfloat16{}, std::true_type{});
-  else launch(__nv_bfloat16{}, std::false_type{});
+  if (half && silu_mul) by_rows(__half{}, std::true_type{});
+  else if (half) by_rows(__half{}, std::false_type{});
+  else if (silu_mul) by_rows(__nv_bfloat16{}, std::true_type{});
+  else by_rows(__nv_bfloat16{}, std::false_type{});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
