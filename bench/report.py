@@ -47,6 +47,10 @@ def _curve(intervals: list[float], tokens: int = 397) -> list[float]:
     return [v[len(v) // 2] * 1e3 for v in per_index]
 
 
+def _int_keys(d: dict) -> dict:
+    return {int(k): v for k, v in d.items()}
+
+
 def build_summary(raw: dict) -> dict:
     s = {"environment": raw["environment"], "quick": raw.get("quick", False)}
     f = raw.get("floors", {})
@@ -56,6 +60,8 @@ def build_summary(raw: dict) -> dict:
             continue
         m = raw[model]
         floors = m.get("floors")
+        if floors:
+            floors = dict(floors, prefill_floor_ms=_int_keys(floors["prefill_floor_ms"]))
         entry = {"floors": floors, "systems": _ttft_table(m.get("systems", {}), floors)}
         if "bucket_sets" in m:
             entry["bucket_sets"] = m["bucket_sets"]
@@ -131,9 +137,9 @@ def plot(s: dict, out: Path) -> None:
     for name, e in systems.items():
         xs = sorted(e["ttft"])
         ax.plot(xs, [e["ttft"][x]["median_ms"] for x in xs], marker="o", label=name)
-    floors = m["floors"]["prefill_floor_ms"]
-    xs = sorted(int(k) for k in floors)
-    ax.plot(xs, [floors[x] if x in floors else floors[str(x)] for x in xs], "k--", label="floor")
+    floors = _int_keys(m["floors"]["prefill_floor_ms"])
+    xs = sorted(floors)
+    ax.plot(xs, [floors[x] for x in xs], "k--", label="floor")
     ax.set(xlabel="prompt tokens", ylabel="TTFT median (ms)", yscale="log",
            title=f"Llama-2-7B shape, fp16 — TTFT ({device}, {commit})")
     ax.legend(fontsize=8)

@@ -1,0 +1,117 @@
+"""Renders the README's performance section from a committed summary.json, so the numbers in the README
+cannot drift from the data.   python -m bench.render_readme [--check] [results dir]"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RESULTS = ROOT / "bench/results/2026-11-22-h100"
+START, END = "<!-- perf:start (rendered by python -m bench.render_readme; do not edit) -->", "<!-- perf:end -->"
+SYSTEMS = ["hjcg-hybrid", "hjcg-graphs", "hjcg-compiled", "hjcg-eager", "hf-static-compile", "hf-eager", "seed-paper"]
+
+
+def _ms(x) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def render(results: Path) -> str:
+    s = json.loads((results / "summary.json").read_text())
+    env, m = s["environment"], s["llama2_7b"]
+    rel = results.relative_to(ROOT).as_posix()
+    systems = m["systems"]
+    floors = {int(k): v for k, v in m["floors"]["prefill_floor_ms"].items()}
+    lengths = sorted(int(n) for n in systems["hjcg-hybrid"]["ttft"])
+    out = [f"Measured on **{env['device']}** (torch {env['torch']}, CUDA {env['cuda']}), commit `{env['commit'][:10]}`, "
+           f"{env['date']}, following [BENCH_PROTOCOL](../shared/BENCH_PROTOCOL.md): Llama-2-7B shapes, fp16, random "
+           f"weights, greedy, EOS ignored. Floors measured in the same run: copy "
+           f"{s['floors']['copy_TBps']:.2f} TB/s, fp16 matmul {s['floors']['matmul_TFLOPs']:.0f} TFLOP/s, decode floor "
+           f"{m['floors']['decode_floor_ms']:.2f} ms/token. Data: [`{rel}/`]({rel}/) "
+           f"(summary.json, ttft.csv, decode.csv, raw-*.json, profile.txt, gpu_tests.log).", ""]
+    out += ["**Time to first token, median ms (p99)**, prompt ids on the host to the first token id on the host:", ""]
+    out.append("| system | " + " | ".join(str(n) for n in lengths) + " |")
+    out.append("|---|" + "---|" * len(lengths))
+    out.append("| floor | " + " | ".join(_ms(floors.get(n)) for n in lengths) + " |")
+    for name in SYSTEMS:
+        e = systems.get(name, {})
+        if "ttft" not in e:
+            continue
+        cells = [f"{_ms(e['ttft'][str(n)]['median_ms'])} ({_ms(e['ttft'][str(n)]['p99_ms'])})" for n in lengths]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out += ["", "**Decode**, 10-token prompt then 397 tokens, interval between tokens on the host (ms):", "",
+            "| system | median | mean | p99 | median / floor |", "|---|---|---|---|---|"]
+    for name in SYSTEMS:
+        d = systems.get(name, {}).get("decode")
+        if d:
+            out.append(f"| {name} | {_ms(d['median_ms'])} | {_ms(d['mean_ms'])} | {_ms(d['p99_ms'])} | "
+                       f"{d['ratio_to_floor']:.2f} |")
+    paper = systems.get("seed-paper", {}).get("ttft", {})
+    if paper:
+        out.append(f"| seed-paper (each step re-runs the context; its step at 10 / 400 tokens) | "
+                   f"{_ms(paper['10']['median_ms'])} / {_ms(paper['400']['median_ms'])} | | | |")
+    ctx = systems["hjcg-hybrid"].get("decode_at_context", {})
+    if ctx:
+        out += ["", "hjcg-hybrid decode at longer contexts (median ms/token): " +
+                ", ".join(f"{n} tokens {_ms(v['median_ms'])}" for n, v in sorted(ctx.items(), key=lambda x: int(x[0])))]
+    if "grpc" in s and "tcp" in s["grpc"]:
+        g = s["grpc"]
+        out += ["", "**Through gRPC** (client on the same machine, token ids in the request; overhead over in-process "
+                "hybrid):", "", "| transport | TTFT 10 | TTFT 100 | TTFT 500 | decode median | decode p99 |",
+                "|---|---|---|---|---|---|"]
+        for label in ("tcp", "unix"):
+            t, d = g[label]["ttft"], g[label]["decode"]
+            cells = [f"{_ms(t[n]['median_ms'])} (+{_ms(t[n].get('overhead_ms'))})" for n in ("10", "100", "500")]
+            out.append(f"| {label} | " + " | ".join(cells) +
+                       f" | {_ms(d['median_ms'])} ({d.get('overhead_ms', 0):+.2f}) | {_ms(d['p99_ms'])} |")
+    if "bucket_sets" in m:
+        out += ["", "**Graph coverage** (the paper's §9.2 table redone; its own method held ~14.4 GiB for 406 "
+                "lengths):", "", "| bucket set | graphs | warm-up s | graph MiB | TTFT median at 10 / 100 / 400 / 500 |",
+                "|---|---|---|---|---|"]
+        for label, b in m["bucket_sets"].items():
+            if "error" in b:
+                continue
+            t = b["ttft_median_ms"]
+            out.append(f"| {label} | {len(b['buckets'])} | {b['warm_ms'] / 1e3:.1f} | {b['graph_bytes'] / 2**20:.0f} | "
+                       + " / ".join(_ms(t[str(n)]) for n in (10, 100, 400, 500)) + " |")
+    if "rolling_cache" in m:
+        rc = m["rolling_cache"]
+        out += ["", f"**Rolling cache**: {rc['requests']} prompts of random length 1–2048 through a cache of 6 graphs / "
+                f"{rc['budget_bytes'] / 2**20:.0f} MiB: {rc['requests_without_capture']} served without a capture, "
+                f"{rc['captures']} captures, {rc['evictions']} evictions, at most {rc['max_bytes'] / 2**20:.0f} MiB held."]
+    sm = s.get("smollm2_135m", {}).get("systems", {})
+    if sm:
+        out += ["", "**SmolLM2-135M shapes** (fp16): " + "; ".join(
+            f"{name} TTFT(10) {_ms(e['ttft']['10']['median_ms'])} ms, decode {_ms(e['decode']['median_ms'])} ms/token"
+            for name, e in sm.items() if "ttft" in e and "decode" in e) + "."]
+    out += ["", f"![TTFT]({rel}/ttft.png)", f"![decode]({rel}/decode.png)", f"![p99 against median]({rel}/p99_vs_median.png)",
+            f"![rolling cache]({rel}/cache_memory.png)"]
+    return "\n".join(out)
+
+
+def update(readme: Path, section: str) -> str:
+    text = readme.read_text()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{section}\n{END}{tail}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("results", nargs="?", default=str(DEFAULT_RESULTS))
+    p.add_argument("--check", action="store_true", help="fail if the README is not what the data renders")
+    args = p.parse_args(argv)
+    readme = ROOT / "README.md"
+    new = update(readme, render(Path(args.results).resolve()))
+    if args.check:
+        if new != readme.read_text():
+            print("README.md's performance section is stale: run python -m bench.render_readme", file=sys.stderr)
+            return 1
+        return 0
+    readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
