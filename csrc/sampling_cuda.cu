@@ -105,13 +105,11 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     const float min_p = a.min_p[row];
     if (min_p_active(min_p)) threshold = max(threshold, __float_as_uint(min_p));
 
-    // 7. inverse CDF over the kept weights, in index order: contiguous chunks, a block scan of their sums
-    const float total = mass_at_or_above(w, vocab, threshold, false, shared);
-    const float target = philox_uniform(static_cast<uint64_t>(a.seed[row]), static_cast<uint64_t>(a.offset[row]),
-                                        static_cast<uint32_t>(row)) * total;
+    // 7. inverse CDF over the kept weights, in index order: contiguous chunks, a block scan of their
+    //    sums; in double, like the CPU reference, so large vocabularies draw the same token on both
     const int64_t chunk = (vocab + blockDim.x - 1) / blockDim.x;
     const int64_t begin = min(vocab, threadIdx.x * chunk), end = min(vocab, begin + chunk);
-    float chunk_sum = 0.f;
+    double chunk_sum = 0.0;
     int64_t last_kept = -1;
     for (int64_t i = begin; i < end; ++i) {
       if (__float_as_uint(w[i]) >= threshold) {
@@ -119,9 +117,14 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
         last_kept = i;
       }
     }
-    using Scan = cub::BlockScan<float, kThreads>;
+    __shared__ double shared_d[32];
+    const double total = block_sum_double(chunk_sum, shared_d);
+    const double target = static_cast<double>(philox_uniform(static_cast<uint64_t>(a.seed[row]),
+                                                             static_cast<uint64_t>(a.offset[row]),
+                                                             static_cast<uint32_t>(row))) * total;
+    using Scan = cub::BlockScan<double, kThreads>;
     __shared__ typename Scan::TempStorage scan_storage;
-    float prefix;
+    double prefix;
     Scan(scan_storage).ExclusiveSum(chunk_sum, prefix);
     __shared__ unsigned long long picked;
     __shared__ unsigned long long last_any_plus_one;
@@ -132,7 +135,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     __syncthreads();
     if (last_kept >= 0) atomicMax(&last_any_plus_one, static_cast<unsigned long long>(last_kept + 1));
     if (last_kept >= 0 && prefix <= target && target < prefix + chunk_sum) {
-      float running = prefix;
+      double running = prefix;
       int64_t choice = last_kept;
       for (int64_t i = begin; i < end; ++i) {
         if (__float_as_uint(w[i]) < threshold) continue;
