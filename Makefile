@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PORT ?= 50051
 CMAKE_BUILD := build/cmake
 
-.PHONY: install demo serve test test-python test-cpp gpu-check stubs clean
+.PHONY: install demo serve test test-python test-cpp node-deps stubs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,12 @@ demo: install
 serve: install
 	$(BIN)/hjcg serve --listen 127.0.0.1:$(PORT)
 
-test: install test-python test-cpp
+test: install node-deps test-python test-cpp
+
+# the Node.js client's packages, for its test against a live server (skipped where node is absent)
+node-deps:
+	@if command -v npm > /dev/null; then cd client/node && npm ci --no-audit --no-fund --silent; \
+	  else echo "npm not found: the Node client test will be skipped"; fi
 
 test-python:
 	$(BIN)/python -m pytest -q --timeout=900 tests
@@ -48,4 +53,4 @@ stubs: install
 	PATH=$(abspath $(BIN)):$$PATH ./proto/generate_python.sh
 
 clean:
-	rm -rf build $(VENV) hjcg/_C*.so *.egg-info
+	rm -rf build $(VENV) hjcg/_C*.so *.egg-info client/node/node_modules
