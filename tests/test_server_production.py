@@ -187,3 +187,18 @@ def test_tls_and_mutual_tls(tmp_path):
                 plaintext.status(timeout=5)
     finally:
         s.stop()
+
+
+def test_sigterm_past_the_grace_period_ends_running_requests_with_unavailable():
+    s = ServerProcess("--grace", "1", "--max-new-tokens", "128").wait_serving()
+    try:
+        with HjcgClient(s.tcp) as client:
+            call = client.generate(text="A very long story:", max_new_tokens=128, ignore_eos=True)
+            next(call)
+            s.proc.terminate()
+            with pytest.raises(grpc.RpcError) as info:
+                list(call)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "shut down" in info.value.details()
+        assert s.proc.wait(timeout=60) == 0
+    finally:
+        s.stop()

@@ -125,7 +125,8 @@ class HjcgServer:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.worker is not None:
             if not self.worker.drain(self.options.grace_s):
-                log.warning("grace period over; cancelling the requests still running")
+                log.warning("grace period over; ending the requests still running with UNAVAILABLE")
+            self.servicer.shutting_down = True
             self.worker.stop()
         self.servicer.shutting_down = True
         self.grpc_server.stop(grace=2.0).wait()

@@ -58,14 +58,17 @@ class HjcgServicer(pb_grpc.HjcgServicer):
         except RequestError as e:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         job = Job(generation, request_id)
-        context.add_callback(job.cancel.set)  # client cancel, disconnect or deadline
+        self._submit(worker, job, context)
+        yield from self._stream(job, context)
+
+    def _submit(self, worker: EngineWorker, item: Job | Task, context) -> None:
+        context.add_callback(item.cancel.set)  # client cancel, disconnect or deadline
         try:
-            worker.submit(job)
+            worker.submit(item)
         except QueueFull as e:
             self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except Draining as e:
             self._abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
-        yield from self._stream(job, context)
 
     def _stream(self, job: Job, context):
         last_token_at = None
@@ -84,6 +87,9 @@ class HjcgServicer(pb_grpc.HjcgServicer):
                 yield pb.GenerateResponse(request_id=job.request_id, token=pb.TokenEvent(
                     id=event.id, text=event.text, index=event.index, server_ms=(now - job.received) * 1e3))
             elif isinstance(event, Finish):
+                if event.reason == "cancelled" and self.shutting_down and not job.cancel.is_set():
+                    self._abort(context, grpc.StatusCode.UNAVAILABLE,
+                                "the server shut down before this request finished; retry on another replica")
                 yield self._finish(job, event, context, now)
                 return
             else:
@@ -154,14 +160,10 @@ class HjcgServicer(pb_grpc.HjcgServicer):
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                         f"prompt_lengths must be in [1, {engine.config.max_prompt_tokens}], got {bad[0]}")
         task = Task(lambda e: e.warm(lengths))
-        context.add_callback(task.cancel.set)
-        try:
-            worker.submit(task)
-        except QueueFull as e:
-            self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except Draining as e:
-            self._abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
+        self._submit(worker, task, context)
         result = task.result.get()
+        if isinstance(result, Draining):
+            self._abort(context, grpc.StatusCode.UNAVAILABLE, str(result))
         if isinstance(result, Exception):
             self._abort(context, grpc.StatusCode.INTERNAL, f"warm-up failed: {result}")
         return pb.WarmGraphsResponse(

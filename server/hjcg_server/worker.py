@@ -56,6 +56,7 @@ class EngineWorker:
         self._waiting = 0
         self._running = 0
         self._draining = False
+        self._stopping = False  # past the grace period: what is left ends as cancelled
         self._on_job_done = on_job_done
         self._thread = threading.Thread(target=self._loop, name="hjcg-engine", daemon=True)
         self._thread.start()
@@ -92,9 +93,7 @@ class EngineWorker:
         """Cancels whatever is left and ends the thread (after drain)."""
         with self._lock:
             self._draining = True
-        for item in list(self._queue.queue):
-            if item is not None:
-                item.cancel.set()
+        self._stopping = True
         self._queue.put(None)
         self._thread.join(timeout=30)
 
@@ -116,6 +115,9 @@ class EngineWorker:
                     self._running -= 1
 
     def _run_task(self, task: Task) -> None:
+        if self._stopping:
+            task.result.put(Draining("the server is shutting down"))
+            return
         try:
             task.result.put(task.fn(self.engine))
         except Exception as e:  # handed to the caller, who answers with a status
@@ -124,12 +126,13 @@ class EngineWorker:
     def _run_job(self, job: Job) -> None:
         job.started = time.perf_counter()
         finish = None
-        if job.cancel.is_set():
+        stop = lambda: job.cancel.is_set() or self._stopping  # noqa: E731
+        if stop():
             finish = Finish(FINISH_CANCELLED, "", len(job.request.prompt_ids), 0, 0.0, 0.0)
             job.events.put(finish)
         else:
             try:
-                for event in self.engine.generate(job.request, job.cancel.is_set):
+                for event in self.engine.generate(job.request, stop):
                     job.events.put(event)
                     if isinstance(event, Finish):
                         finish = event
