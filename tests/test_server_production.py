@@ -202,3 +202,30 @@ def test_sigterm_past_the_grace_period_ends_running_requests_with_unavailable():
         assert s.proc.wait(timeout=60) == 0
     finally:
         s.stop()
+
+
+def test_health_is_not_serving_while_the_model_loads_and_generate_is_unavailable():
+    s = ServerProcess()
+    try:
+        seen = []
+        deadline = time.monotonic() + 120
+        with HjcgClient(s.tcp) as client:
+            while time.monotonic() < deadline:
+                try:
+                    state = client.health(timeout=1.0)
+                except grpc.RpcError:
+                    time.sleep(0.05)
+                    continue
+                if not seen or seen[-1] != state:
+                    seen.append(state)
+                if state == "NOT_SERVING":
+                    try:
+                        list(client.generate(text="early", max_new_tokens=1))
+                    except grpc.RpcError as e:  # (the load may finish between the two calls)
+                        assert e.code() == grpc.StatusCode.UNAVAILABLE and "loading" in e.details()
+                if state == "SERVING":
+                    break
+                time.sleep(0.05)
+        assert seen[0] == "NOT_SERVING" and seen[-1] == "SERVING"
+    finally:
+        s.stop()
