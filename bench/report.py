@@ -120,6 +120,22 @@ def write_tables(s: dict, out: Path) -> None:
                     w.writerow([model, name, n, f"{d['median_ms']:.3f}", f"{d['mean_ms']:.3f}", f"{d['p99_ms']:.3f}", "", ""])
 
 
+def _ttft_medians(entry: dict) -> tuple[list[int], list[float]]:
+    xs = sorted(entry["ttft"])
+    return xs, [entry["ttft"][x]["median_ms"] for x in xs]
+
+
+def _save(fig, ax, path: Path, legend_size: int = 8, grid: bool = False) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=legend_size)
+    if grid:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot(s: dict, out: Path) -> None:
     import matplotlib
 
@@ -135,18 +151,13 @@ def plot(s: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, e in systems.items():
-        xs = sorted(e["ttft"])
-        ax.plot(xs, [e["ttft"][x]["median_ms"] for x in xs], marker="o", label=name)
+        ax.plot(*_ttft_medians(e), marker="o", label=name)
     floors = _int_keys(m["floors"]["prefill_floor_ms"])
     xs = sorted(floors)
     ax.plot(xs, [floors[x] for x in xs], "k--", label="floor")
     ax.set(xlabel="prompt tokens", ylabel="TTFT median (ms)", yscale="log",
            title=f"Llama-2-7B shape, fp16 — TTFT ({device}, {commit})")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "ttft.png", dpi=110)
-    plt.close(fig)
+    _save(fig, ax, out / "ttft.png", grid=True)
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, e in systems.items():
@@ -155,16 +166,11 @@ def plot(s: dict, out: Path) -> None:
             ax.plot(range(11, 11 + len(curve)), curve, label=name, linewidth=1)
     paper = systems.get("seed-paper")
     if paper:
-        xs = sorted(paper["ttft"])
-        ax.plot(xs, [paper["ttft"][x]["median_ms"] for x in xs], marker="o", label="seed-paper (full forward)")
+        ax.plot(*_ttft_medians(paper), marker="o", label="seed-paper (full forward)")
     ax.axhline(m["floors"]["decode_floor_ms"], color="k", linestyle="--", label="floor")
     ax.set(xlabel="context tokens", ylabel="ms per token", yscale="log",
            title=f"Decode latency against context ({device}, {commit})")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "decode.png", dpi=110)
-    plt.close(fig)
+    _save(fig, ax, out / "decode.png", grid=True)
 
     fig, ax = plt.subplots(figsize=(6, 6))
     for name, e in systems.items():
@@ -176,10 +182,7 @@ def plot(s: dict, out: Path) -> None:
     ax.plot(lim, lim, "k:", label="p99 = median")
     ax.plot(lim, [1.05 * x for x in lim], "k--", linewidth=0.8, label="p99 = 1.05 median")
     ax.set(xscale="log", yscale="log", xlabel="median (ms)", ylabel="p99 (ms)", title="Tail latency (TTFT, decode)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "p99_vs_median.png", dpi=110)
-    plt.close(fig)
+    _save(fig, ax, out / "p99_vs_median.png", legend_size=7)
 
     rc = m.get("rolling_cache")
     if rc:
@@ -191,10 +194,7 @@ def plot(s: dict, out: Path) -> None:
         ax.scatter([t["request"] for t in misses], [t["bytes"] / 2**20 for t in misses], s=10, color="orange",
                    label="capture")
         ax.set(xlabel="request", ylabel="MiB", title=f"Rolling graph cache, random prompt lengths 1-2048 ({device})")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "cache_memory.png", dpi=110)
-        plt.close(fig)
+        _save(fig, ax, out / "cache_memory.png")
 
 
 def write_all(raw: dict, out: Path) -> dict:

@@ -6,7 +6,6 @@ between consecutive tokens arriving on the host. Greedy; EOS ignored.
 from __future__ import annotations
 
 import gc
-import time
 
 import torch
 
@@ -223,8 +222,3 @@ def measure(system, prompts: dict[int, list[int]], ttft_runs: int, decode_prompt
             result["decode"].extend(system.decode(decode_prompt, decode_tokens))
     return result
 
-
-def timed(fn):
-    start = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - start

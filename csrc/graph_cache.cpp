@@ -34,7 +34,6 @@ class GraphCache {
     auto graph = lru_.get(key);
     if (!graph) return false;
     (*graph)->replay();
-    ++replays_;
     return true;
   }
 
@@ -130,7 +129,6 @@ class GraphCache {
     return d;
   }
 
-  uint64_t replays() const { return replays_; }
   std::vector<std::string> keys() const { return lru_.keys(); }
 
  private:
@@ -148,7 +146,6 @@ class GraphCache {
   LruCache<std::string, Graph> lru_;
   uint64_t captures_ = 0;
   uint64_t capture_failures_ = 0;
-  uint64_t replays_ = 0;
 };
 
 }  // namespace
@@ -165,7 +162,6 @@ void bind_graph_cache(py::module_& m) {
       .def("erase", &GraphCache::erase)
       .def("clear", &GraphCache::clear)
       .def("keys", &GraphCache::keys)
-      .def_property_readonly("replays", &GraphCache::replays)
       .def("stats", &GraphCache::stats);
 }
 

@@ -158,8 +158,9 @@ class GraphRunner:
     @torch.inference_mode()
     def generate(self, prompt: torch.Tensor, params: SamplingParams) -> Iterator[int]:
         self._ensure_decode_graph()
-        prompt = prompt.pin_memory()
-        self.sampler.reset(params, prompt.to(self.model.device, non_blocking=True))
+        # one host-to-device copy serves both the sampler's history and the padding kernel
+        prompt = prompt.pin_memory().to(self.model.device, non_blocking=True)
+        self.sampler.reset(params, prompt)
         self.prefill(prompt)
         position = prompt.numel()
         pending: deque[int] = deque()
@@ -173,10 +174,13 @@ class GraphRunner:
             pending.append(slot)
             step += 1
 
+        def take() -> int:
+            slot = pending.popleft()
+            self.events[slot].synchronize()
+            return int(self.host_tokens[slot])
+
         push()  # the first token, from prefill: streamed before any decode step is queued behind it
-        slot = pending.popleft()
-        self.events[slot].synchronize()
-        yield int(self.host_tokens[slot])
+        yield take()
         # then one step of lookahead: step k+1 is queued on the GPU while the host hands out token k
         while True:
             if position < self.context_length:
@@ -186,9 +190,7 @@ class GraphRunner:
             if not pending:
                 return
             if len(pending) > 1 or position >= self.context_length:
-                slot = pending.popleft()
-                self.events[slot].synchronize()
-                yield int(self.host_tokens[slot])
+                yield take()
 
     # --- warm-up and figures ----------------------------------------------------------------------------
 

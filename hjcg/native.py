@@ -3,6 +3,4 @@ import torch  # noqa: F401  (loads libtorch's shared libraries for the extension
 
 from hjcg import _C
 
-WITH_CUDA: bool = bool(_C.with_cuda)
-
-__all__ = ["_C", "WITH_CUDA"]
+__all__ = ["_C"]
