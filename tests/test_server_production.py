@@ -147,7 +147,8 @@ def test_metrics_endpoint_counts_requests(tmp_path):
         for name in ("hjcg_time_to_first_token_seconds_count 1.0", "hjcg_generation_tokens_total 3.0",
                      'hjcg_request_success_total{finished_reason="length"} 1.0',
                      'hjcg_requests_by_status_total{code="INVALID_ARGUMENT"} 1.0',
-                     "hjcg_inter_token_latency_seconds_count 2.0", "hjcg_num_requests_waiting"):
+                     "hjcg_inter_token_latency_seconds_count 2.0", "hjcg_num_requests_waiting 0.0",
+                     "hjcg_num_requests_running 0.0", "hjcg_graph_cache_bytes 0.0"):
             assert name in text, name
     finally:
         s.stop()

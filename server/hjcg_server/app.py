@@ -113,6 +113,7 @@ class HjcgServer:
                      f"{report['total_ms']:.0f} ms, {report['graph_bytes'] / 2**20:.1f} MiB")
         self.worker = EngineWorker(engine, self.options.queue_size, on_job_done=self.servicer.job_done)
         self.servicer.attach(engine, self.worker)
+        self.metrics.watch(self.worker, engine)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s (%s, mode %s)", engine.model_name, ", ".join(self.options.listen),
                  engine.device_name(), engine.config.mode)

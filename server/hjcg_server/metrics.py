@@ -34,11 +34,10 @@ class Metrics:
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)
 
-    def observe_queue(self, waiting: int, running: int, graph_stats: dict) -> None:
-        self.waiting.set(waiting)
-        self.running.set(running)
-        if graph_stats:
-            self.graph_captures.set(graph_stats.get("captures", 0))
-            self.graph_hits.set(graph_stats.get("hits", 0))
-            self.graph_evictions.set(graph_stats.get("evictions", 0))
-            self.graph_bytes.set(graph_stats.get("bytes", 0))
+    def watch(self, worker, engine) -> None:
+        """Gauges read the worker's queue and the graph cache at scrape time, never a stale copy."""
+        self.waiting.set_function(lambda: worker.queue_depth)
+        self.running.set_function(lambda: worker.running)
+        for gauge, key in ((self.graph_captures, "captures"), (self.graph_hits, "hits"),
+                           (self.graph_evictions, "evictions"), (self.graph_bytes, "bytes")):
+            gauge.set_function(lambda key=key: engine.graph_stats().get(key, 0))

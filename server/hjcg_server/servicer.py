@@ -136,7 +136,6 @@ class HjcgServicer(pb_grpc.HjcgServicer):
     def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         engine, worker = self._ready(context)
         stats = engine.graph_stats()
-        self.metrics.observe_queue(worker.queue_depth, worker.running, stats)
         return pb.StatusResponse(
             model=pb.ModelInfo(**engine.model_info()),
             device=engine.device_name(),
