@@ -13,6 +13,7 @@ import torch
 from bench import grpc_bench
 from bench.common import PROMPT_LENGTHS, environment, floors, model_floors, now, summary
 from bench.systems import HFEager, HFStaticCompiled, HjcgSystem, SeedPaper, measure
+from hjcg.config import DEFAULT_PREFILL_BUCKETS
 from hjcg.random_models import random_llama
 
 DECODE_TOKENS = 397
@@ -95,8 +96,8 @@ def smollm_systems(quick: bool) -> tuple[dict, dict]:
 
 
 BUCKET_SETS = {
-    "sparse-default": (16, 32, 64, 128, 256, 512),
-    "power-of-two": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    "default": DEFAULT_PREFILL_BUCKETS,
+    "power-of-two": (16, 32, 64, 128, 256, 512),
     "dense-16": tuple(range(16, 513, 16)),
     "exact-lengths": PROMPT_LENGTHS,
 }

@@ -13,59 +13,132 @@
 namespace hjcg {
 namespace {
 
+// 16-byte vectors of T: 8 halves or 4 floats per load.
+template <typename T> struct Vec {
+  static constexpr int kSize = 16 / sizeof(T);
+  union { uint4 raw; T v[kSize]; };
+};
+
 template <typename T>
-__global__ void rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ w, float eps, int64_t hidden,
-                                T* __restrict__ y) {
-  __shared__ float shared[32];
-  const T* row = x + blockIdx.x * hidden;
-  T* out = y + blockIdx.x * hidden;
+__device__ __forceinline__ Vec<T> load_vec(const T* p) {
+  Vec<T> out;
+  out.raw = *reinterpret_cast<const uint4*>(p);
+  return out;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T>& v) {
+  *reinterpret_cast<uint4*>(p) = v.raw;
+}
+
+// One warp per row, kNormWarps rows per block: the sum of squares is a warp shuffle, no shared memory and
+// no block barrier (a block per row with two barriers took ~4 us even for 16 rows: latency, not bytes).
+// The second pass re-reads the row from L1.
+constexpr int kNormWarps = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(kNormWarps * 32) rms_norm_kernel(
+    const T* __restrict__ x, const T* __restrict__ w, float eps, int64_t rows, int64_t hidden, T* __restrict__ y) {
+  constexpr int kVec = Vec<T>::kSize;
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kNormWarps + (threadIdx.x >> 5);
+  if (r >= rows) return;
+  const T* row = x + r * hidden;
+  T* out = y + r * hidden;
   float sum = 0.f;
-  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) {
-    const float v = to_float(row[i]);
-    sum += v * v;
+#pragma unroll 4
+  for (int64_t i = lane * kVec; i < hidden; i += 32 * kVec) {
+    const Vec<T> v = load_vec(row + i);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) sum += to_float(v.v[e]) * to_float(v.v[e]);
   }
-  const float inv_rms = rsqrtf(block_sum(sum, shared) / static_cast<float>(hidden) + eps);
-  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) {
-    // round the normalised value to the model dtype before the weight, as transformers does
-    const float normed = to_float(from_float<T>(to_float(row[i]) * inv_rms));
-    out[i] = from_float<T>(to_float(w[i]) * normed);
+  const float inv_rms = rsqrtf(warp_sum(sum) / static_cast<float>(hidden) + eps);
+#pragma unroll 4
+  for (int64_t i = lane * kVec; i < hidden; i += 32 * kVec) {
+    const Vec<T> v = load_vec(row + i), wv = load_vec(w + i);
+    Vec<T> o;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      // round the normalised value to the model dtype before the weight, as transformers does
+      const float normed = to_float(from_float<T>(to_float(v.v[e]) * inv_rms));
+      o.v[e] = from_float<T>(to_float(wv.v[e]) * normed);
+    }
+    store_vec(out + i, o);
   }
 }
 
-// grid (S, Hq + 2 Hkv), block D / 2: thread i rotates the pair (i, i + D/2) of one head of one token.
-template <typename T>
-__global__ void rope_cache_kernel(const T* __restrict__ qkv, const T* __restrict__ cos, const T* __restrict__ sin,
-                                  const int64_t* __restrict__ positions, int heads, int kv_heads, int head_dim,
-                                  T* __restrict__ q_out, T* __restrict__ k_cache, T* __restrict__ v_cache) {
-  const int token = blockIdx.x, head = blockIdx.y, i = threadIdx.x, half = head_dim / 2;
+// grid (S, ceil(quads / (kRopeThreads * kPerThread))), block kRopeThreads. A token has (Hq + 2 Hkv) * D/4
+// "quads": two neighbouring rotation pairs (i, i+1) and (i + D/2, i+1 + D/2), read and written as pairs of
+// elements. Long prompts give each thread several quads, a block-stride apart, so their loads are in
+// flight together; one pair per thread in 64-thread blocks was latency-bound (31 us for 512 tokens of
+// Llama-2-7B, where the bytes take 8). A decode step (one token) keeps one quad per thread, more blocks.
+constexpr int kRopeThreads = 256;
+
+template <typename T> struct alignas(2 * sizeof(T)) Two { T a, b; };
+
+template <typename T, int kPerThread>
+__global__ void __launch_bounds__(kRopeThreads) rope_cache_kernel(
+    const T* __restrict__ qkv, const T* __restrict__ cos, const T* __restrict__ sin,
+    const int64_t* __restrict__ positions, int heads, int kv_heads, int head_dim, T* __restrict__ q_out,
+    T* __restrict__ k_cache, T* __restrict__ v_cache) {
+  const int token = blockIdx.x, half = head_dim / 2, quads_per_head = head_dim / 4;
+  const int quads = (heads + 2 * kv_heads) * quads_per_head;
   const int64_t pos = positions[token];
-  const int64_t row = static_cast<int64_t>(token) * (heads + 2 * kv_heads) * head_dim;
-  const T* src = qkv + row + static_cast<int64_t>(head) * head_dim;
-  const float a = to_float(src[i]), b = to_float(src[i + half]);
-  if (head >= heads + kv_heads) {  // v: no rotation
-    T* dst = v_cache + (pos * kv_heads + (head - heads - kv_heads)) * head_dim;
-    dst[i] = src[i];
-    dst[i + half] = src[i + half];
-    return;
-  }
+  const T* src_row = qkv + static_cast<int64_t>(token) * (heads + 2 * kv_heads) * head_dim;
   const T* c = cos + pos * head_dim;
   const T* s = sin + pos * head_dim;
-  const float lo = a * to_float(c[i]) - b * to_float(s[i]);
-  const float hi = b * to_float(c[i + half]) + a * to_float(s[i + half]);
-  T* dst = head < heads ? q_out + (static_cast<int64_t>(token) * heads + head) * head_dim
-                        : k_cache + (pos * kv_heads + (head - heads)) * head_dim;
-  dst[i] = from_float<T>(lo);
-  dst[i + half] = from_float<T>(hi);
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const int quad = (blockIdx.y * kPerThread + j) * kRopeThreads + threadIdx.x;
+    if (quad >= quads) break;
+    const int head = quad / quads_per_head, i = 2 * (quad % quads_per_head);
+    const T* src = src_row + static_cast<int64_t>(head) * head_dim;
+    const Two<T> lo_in = *reinterpret_cast<const Two<T>*>(src + i);
+    const Two<T> hi_in = *reinterpret_cast<const Two<T>*>(src + i + half);
+    T* dst;
+    Two<T> lo_out, hi_out;
+    if (head >= heads + kv_heads) {  // v: no rotation
+      dst = v_cache + (pos * kv_heads + (head - heads - kv_heads)) * head_dim;
+      lo_out = lo_in;
+      hi_out = hi_in;
+    } else {
+      const Two<T> c_lo = *reinterpret_cast<const Two<T>*>(c + i), c_hi = *reinterpret_cast<const Two<T>*>(c + i + half);
+      const Two<T> s_lo = *reinterpret_cast<const Two<T>*>(s + i), s_hi = *reinterpret_cast<const Two<T>*>(s + i + half);
+      auto rotate = [](T a, T b, T cos_lo, T sin_lo, T cos_hi, T sin_hi, T& lo, T& hi) {
+        lo = from_float<T>(to_float(a) * to_float(cos_lo) - to_float(b) * to_float(sin_lo));
+        hi = from_float<T>(to_float(b) * to_float(cos_hi) + to_float(a) * to_float(sin_hi));
+      };
+      rotate(lo_in.a, hi_in.a, c_lo.a, s_lo.a, c_hi.a, s_hi.a, lo_out.a, hi_out.a);
+      rotate(lo_in.b, hi_in.b, c_lo.b, s_lo.b, c_hi.b, s_hi.b, lo_out.b, hi_out.b);
+      dst = head < heads ? q_out + (static_cast<int64_t>(token) * heads + head) * head_dim
+                         : k_cache + (pos * kv_heads + (head - heads)) * head_dim;
+    }
+    *reinterpret_cast<Two<T>*>(dst + i) = lo_out;
+    *reinterpret_cast<Two<T>*>(dst + i + half) = hi_out;
+  }
 }
 
-template <typename T>
-__global__ void silu_mul_kernel(const T* __restrict__ gate_up, int64_t width, int64_t total, T* __restrict__ out) {
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = idx / width, c = idx % width;
-    const float g = to_float(gate_up[r * 2 * width + c]);
-    const float u = to_float(gate_up[r * 2 * width + width + c]);
-    out[idx] = from_float<T>(g / (1.f + expf(-g)) * u);
+// grid (S, ceil(width / (256 * kVec))): no 64-bit division per element; kVec = 16-byte vectors when the
+// width is a multiple of one, else single elements.
+template <typename T, int kVec>
+__global__ void silu_mul_kernel(const T* __restrict__ gate_up, int64_t width, T* __restrict__ out) {
+  const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * kVec;
+  if (c >= width) return;
+  const T* gate = gate_up + blockIdx.x * 2 * width + c;
+  const T* up = gate + width;
+  T* dst = out + blockIdx.x * width + c;
+  if constexpr (kVec > 1) {
+    const Vec<T> g = load_vec(gate), u = load_vec(up);
+    Vec<T> o;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const float gv = to_float(g.v[e]);
+      o.v[e] = from_float<T>(gv / (1.f + expf(-gv)) * to_float(u.v[e]));
+    }
+    store_vec(dst, o);
+  } else {
+    const float gv = to_float(*gate);
+    *dst = from_float<T>(gv / (1.f + expf(-gv)) * to_float(*up));
   }
 }
 
@@ -97,11 +170,13 @@ void rms_norm_cuda(const torch::Tensor& x, const torch::Tensor& weight, double e
   TORCH_CHECK(x.dim() == 2 && out.sizes() == x.sizes() && weight.size(0) == x.size(1), "rms_norm: shape mismatch");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type() && x.scalar_type() == out.scalar_type(), "rms_norm: one dtype");
   const c10::cuda::CUDAGuard guard(x.device());
-  const int threads = x.size(1) >= 1024 ? 1024 : 256;
+  const int64_t vec = 16 / x.element_size(), hidden = x.size(1), rows = x.size(0);
+  TORCH_CHECK(hidden % vec == 0, "rms_norm: the hidden size must be a multiple of ", vec);
+  const int blocks = static_cast<int>((rows + kNormWarps - 1) / kNormWarps);
   dispatch_float_types(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    rms_norm_kernel<T><<<x.size(0), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        ptr<T>(x), ptr<T>(weight), static_cast<float>(eps), x.size(1), ptr<T>(out));
+    rms_norm_kernel<T><<<blocks, kNormWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        ptr<T>(x), ptr<T>(weight), static_cast<float>(eps), rows, hidden, ptr<T>(out));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -116,13 +191,20 @@ void rope_cache_cuda(const torch::Tensor& qkv, const torch::Tensor& cos, const t
   TORCH_CHECK(k_cache.dim() == 3 && k_cache.size(1) == kv_heads && k_cache.size(2) == head_dim &&
                   v_cache.sizes() == k_cache.sizes(), "caches must be [T, Hkv, D]");
   TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.numel() == tokens, "positions: int64 [S]");
-  TORCH_CHECK(head_dim % 2 == 0 && head_dim <= 2048, "head_dim must be even");
+  TORCH_CHECK(head_dim % 4 == 0, "rope_cache: head_dim must be a multiple of 4");
   const c10::cuda::CUDAGuard guard(qkv.device());
   dispatch_float_types(qkv.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    rope_cache_kernel<T><<<dim3(tokens, heads + 2 * kv_heads), head_dim / 2, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        ptr<T>(qkv), ptr<T>(cos), ptr<T>(sin), positions.data_ptr<int64_t>(), heads, kv_heads, head_dim,
-        ptr<T>(q_out), ptr<T>(k_cache), ptr<T>(v_cache));
+    const int64_t quads = (heads + 2 * kv_heads) * head_dim / 4;
+    auto launch = [&](auto per_thread) {
+      constexpr int kPerThread = decltype(per_thread)::value;
+      const dim3 grid(tokens, (quads + kRopeThreads * kPerThread - 1) / (kRopeThreads * kPerThread));
+      rope_cache_kernel<T, kPerThread><<<grid, kRopeThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          ptr<T>(qkv), ptr<T>(cos), ptr<T>(sin), positions.data_ptr<int64_t>(), heads, kv_heads, head_dim,
+          ptr<T>(q_out), ptr<T>(k_cache), ptr<T>(v_cache));
+    };
+    if (tokens >= 64) launch(std::integral_constant<int, 4>{});
+    else launch(std::integral_constant<int, 1>{});
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -133,13 +215,16 @@ void silu_mul_cuda(const torch::Tensor& gate_up, const torch::Tensor& out) {
   TORCH_CHECK(gate_up.dim() == 2 && out.dim() == 2 && gate_up.size(0) == out.size(0) &&
                   gate_up.size(1) == 2 * out.size(1), "silu_mul: gate_up [S, 2F] -> out [S, F]");
   const c10::cuda::CUDAGuard guard(gate_up.device());
-  const int64_t total = out.numel();
+  const int64_t width = out.size(1), vec = 16 / out.element_size();
   const int threads = 256;
-  const int blocks = static_cast<int>(std::min<int64_t>((total + threads - 1) / threads, 4096));
+  const bool vectorised = width % vec == 0;  // rows then start on 16-byte boundaries too
+  const int64_t per_block = threads * (vectorised ? vec : 1);
+  const dim3 grid(out.size(0), (width + per_block - 1) / per_block);
   dispatch_float_types(gate_up.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    silu_mul_kernel<T><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(ptr<T>(gate_up), out.size(1), total,
-                                                                                 ptr<T>(out));
+    constexpr int kVec = Vec<T>::kSize;
+    if (vectorised) silu_mul_kernel<T, kVec><<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(ptr<T>(gate_up), width, ptr<T>(out));
+    else silu_mul_kernel<T, 1><<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(ptr<T>(gate_up), width, ptr<T>(out));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -130,14 +130,16 @@ class GraphRunner:
 
     # --- prefill and decode -----------------------------------------------------------------------------
 
-    def prefill(self, prompt: torch.Tensor) -> None:
-        """Runs the prompt through the bucket graphs; leaves the first token in self.token."""
+    def prefill(self, prompt: torch.Tensor, params: SamplingParams) -> None:
+        """Runs the prompt (on the device) through the bucket graphs; leaves the first token in self.token."""
         for start, end in chunks(prompt.numel(), self.buckets[-1]):
             bucket = self.bucket_for(end - start)
             inp = self._inputs(bucket)
             pad = _C.pad_prompt if self.fused else torch_pad
             pad(prompt[start:end], start, self.pad_id, inp.ids, inp.positions, inp.last_index, inp.seq_len)
             self._run_graph(self.prefill_key(bucket, start == 0), lambda: self._prefill_fn(bucket, start == 0))
+        # queued behind the replays, so its host-side launches overlap the prefill instead of preceding it
+        self.sampler.reset(params, prompt)
         self.token.copy_(self._sample(self.logits))
         self.position.fill_(prompt.numel())
 
@@ -158,10 +160,10 @@ class GraphRunner:
     @torch.inference_mode()
     def generate(self, prompt: torch.Tensor, params: SamplingParams) -> Iterator[int]:
         self._ensure_decode_graph()
-        # one host-to-device copy serves both the sampler's history and the padding kernel
-        prompt = prompt.pin_memory().to(self.model.device, non_blocking=True)
-        self.sampler.reset(params, prompt)
-        self.prefill(prompt)
+        # one host-to-device copy serves both the sampler's history and the padding kernel; a plain copy
+        # (the GPU is idle between requests): pinning a few hundred bytes first costs more than it saves
+        prompt = prompt.to(self.model.device)
+        self.prefill(prompt, params)
         position = prompt.numel()
         pending: deque[int] = deque()
         step = 0

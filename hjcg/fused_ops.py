@@ -13,6 +13,8 @@ class FusedCudaOps(LayerOps):
     applies the norm as a scale."""
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if x.shape[-1] % (16 // x.element_size()):  # the kernel reads 16-byte vectors
+            return super().rms_norm(x, weight, eps)
         out = torch.empty_like(x)
         _C.rms_norm(x.contiguous(), weight, eps, out)
         return out
@@ -28,6 +30,8 @@ class FusedCudaOps(LayerOps):
     def rope_and_cache(self, qkv: torch.Tensor, positions: torch.Tensor, model: FastLlama, cache: KVCache,
                        layer: int) -> torch.Tensor:
         s = model.shape
+        if s.head_dim % 4:  # the kernel moves pairs of neighbouring elements from each half of a head
+            return super().rope_and_cache(qkv, positions, model, cache, layer)
         q = torch.empty(qkv.shape[0], s.num_heads, s.head_dim, device=qkv.device, dtype=qkv.dtype)
         _C.rope_cache(qkv, model.cos, model.sin, positions, s.num_heads, s.num_kv_heads, q, cache.k[layer],
                       cache.v[layer])

@@ -51,31 +51,35 @@ class SamplerState:
     """Device tensors for one batch row: the kernel's inputs and the state it advances."""
 
     def __init__(self, device: torch.device, history_capacity: int):
-        f32 = dict(device=device, dtype=torch.float32)
-        self.temperature = torch.zeros(1, **f32)
-        self.top_p = torch.ones(1, **f32)
-        self.min_p = torch.zeros(1, **f32)
-        self.repetition_penalty = torch.ones(1, **f32)
+        # The per-request scalars live in two small device buffers (the kernel sees 1-element views), so
+        # that a request's parameters arrive in two copies instead of eight launches.
+        self._floats = torch.tensor([0.0, 1.0, 0.0, 1.0], device=device, dtype=torch.float32)
+        self.temperature, self.top_p, self.min_p, self.repetition_penalty = (self._floats[i:i + 1] for i in range(4))
+        self._ints = torch.zeros(4, device=device, dtype=torch.int64)
+        self.seed, self.offset, self.history_len, top_k64 = (self._ints[i:i + 1] for i in range(4))
+        self._top_k64 = top_k64
         self.top_k = torch.zeros(1, device=device, dtype=torch.int32)
-        self.seed = torch.zeros(1, device=device, dtype=torch.int64)
-        self.offset = torch.zeros(1, device=device, dtype=torch.int64)
         self.history = torch.zeros(1, history_capacity, device=device, dtype=torch.int64)
-        self.history_len = torch.zeros(1, device=device, dtype=torch.int64)
         self.out = torch.zeros(1, device=device, dtype=torch.int64)
+        pinned = torch.device(device).type == "cuda"
+        self._host_floats = torch.zeros(4, dtype=torch.float32, pin_memory=pinned)
+        self._host_ints = torch.zeros(4, dtype=torch.int64, pin_memory=pinned)
+        self._copied = torch.cuda.Event() if pinned else None
 
     def reset(self, params: SamplingParams, prompt: torch.Tensor) -> None:
         """Loads a request's parameters and its prompt (the history the repetition penalty sees)."""
         seed = params.seed if params.seed is not None else secrets.randbits(64)
-        self.temperature.fill_(params.temperature)
-        self.top_k.fill_(params.top_k)
-        self.top_p.fill_(params.top_p)
-        self.min_p.fill_(params.min_p)
-        self.repetition_penalty.fill_(params.repetition_penalty)
-        self.seed.fill_(_to_int64(seed))
-        self.offset.zero_()
         n = min(prompt.numel(), self.history.shape[1])
+        if self._copied is not None:
+            self._copied.synchronize()  # the last request's copies have left the staging buffers
+        self._host_floats.numpy()[:] = (params.temperature, params.top_p, params.min_p, params.repetition_penalty)
+        self._host_ints.numpy()[:] = (_to_int64(seed), 0, n, params.top_k)
+        self._floats.copy_(self._host_floats, non_blocking=True)
+        self._ints.copy_(self._host_ints, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        self.top_k.copy_(self._top_k64)  # the kernel reads top_k as int32
         self.history[0, :n].copy_(prompt[:n], non_blocking=True)
-        self.history_len.fill_(n)
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [1, V] -> the token in self.out [1] (int64), with the state advanced."""

@@ -35,7 +35,7 @@ def teacher_forced_logits(engine, tokens, prompt_len):
         runner.sampler.reset(SamplingParams(), prompt.cuda())
         if isinstance(runner, GraphRunner):
             runner._ensure_decode_graph()
-            runner.prefill(prompt)
+            runner.prefill(prompt.cuda(), SamplingParams())
             rows.append(runner.logits[0].clone())
             for pos in range(prompt_len, len(tokens) - 1):
                 runner.token.fill_(tokens[pos])

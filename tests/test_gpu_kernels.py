@@ -124,29 +124,55 @@ def test_decode_attention_matches_sdpa(dtype, tol, heads, kv_heads, dim, length)
     assert err < tol
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# hidden 100 is not a multiple of a 16-byte vector: the fused op falls back to plain torch
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.float32, 1e-6)])
-def test_fused_layer_ops_match_torch(dtype, tol):
+@pytest.mark.parametrize("tokens,hidden", [(5, 4096), (512, 4096), (3, 576), (2, 100)])
+def test_fused_rms_norm_matches_torch(dtype, tol, tokens, hidden):
     from hjcg.fused_ops import FusedCudaOps
     from hjcg.llama import LayerOps
-    from hjcg.random_models import random_llama
-    from hjcg.llama import FastLlama
 
-    fused, plain = FusedCudaOps(), LayerOps()
-    x = torch.randn(5, 4096, device="cuda", dtype=dtype)
-    w = torch.randn(4096, device="cuda", dtype=dtype)
-    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
-    assert rel(fused.rms_norm(x, w, 1e-5), plain.rms_norm(x, w, 1e-5)) < tol
-    gu = torch.randn(5, 2 * 1536, device="cuda", dtype=dtype)
-    assert rel(fused.silu_mul(gu), plain.silu_mul(gu)) < tol
-    model = FastLlama(random_llama("tiny-gqa", dtype, "cuda").hf_model, torch.device("cuda"), dtype, 256)
-    s = model.shape
-    qkv = torch.randn(6, (s.num_heads + 2 * s.num_kv_heads) * s.head_dim, device="cuda", dtype=dtype)
-    positions = torch.tensor([0, 1, 5, 100, 200, 255], device="cuda")
-    caches = [model.new_cache(256) for _ in range(2)]
-    q_fused = fused.rope_and_cache(qkv, positions, model, caches[0], 1)
-    q_plain = plain.rope_and_cache(qkv, positions, model, caches[1], 1)
-    assert rel(q_fused, q_plain) < tol
-    assert rel(caches[0].k[1], caches[1].k[1]) < tol and torch.equal(caches[0].v[1], caches[1].v[1])
+    x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
+    w = torch.randn(hidden, device="cuda", dtype=dtype)
+    assert _rel(FusedCudaOps().rms_norm(x, w, 1e-5), LayerOps().rms_norm(x, w, 1e-5)) < tol
+
+
+# widths that are and are not a multiple of a 16-byte vector (vectorised and element-wise paths)
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("tokens,width", [(5, 1536), (512, 11008), (3, 1537)])
+def test_fused_silu_mul_matches_torch(dtype, tol, tokens, width):
+    from hjcg.fused_ops import FusedCudaOps
+    from hjcg.llama import LayerOps
+
+    gu = torch.randn(tokens, 2 * width, device="cuda", dtype=dtype)
+    assert _rel(FusedCudaOps().silu_mul(gu), LayerOps().silu_mul(gu)) < tol
+
+
+# Llama-2-7B (MHA, several blocks per token), SmolLM2 (GQA 9/3, D 64) and a tiny GQA shape
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("heads,kv_heads,dim,tokens", [(32, 32, 128, 512), (9, 3, 64, 7), (4, 2, 64, 6)])
+def test_fused_rope_and_cache_match_torch(dtype, tol, heads, kv_heads, dim, tokens):
+    from types import SimpleNamespace
+
+    from hjcg.fused_ops import FusedCudaOps
+    from hjcg.kv_cache import KVCache
+    from hjcg.llama import LayerOps
+
+    max_pos = 1024
+    angles = torch.rand(max_pos, dim // 2, device="cuda") * 6.3
+    model = SimpleNamespace(shape=SimpleNamespace(num_heads=heads, num_kv_heads=kv_heads, head_dim=dim),
+                            cos=torch.cat([angles.cos()] * 2, -1).to(dtype), sin=torch.cat([angles.sin()] * 2, -1).to(dtype))
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device="cuda", dtype=dtype)
+    positions = torch.randperm(max_pos, device="cuda")[:tokens]
+    caches = [KVCache(2, max_pos, kv_heads, dim, torch.device("cuda"), dtype) for _ in range(2)]
+    q_fused = FusedCudaOps().rope_and_cache(qkv, positions, model, caches[0], 1)
+    q_plain = LayerOps().rope_and_cache(qkv, positions, model, caches[1], 1)
+    assert _rel(q_fused, q_plain) < tol
+    assert _rel(caches[0].k[1], caches[1].k[1]) < tol and torch.equal(caches[0].v[1], caches[1].v[1])
+    assert not caches[0].k[0].any()  # other layers untouched
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -58,12 +58,15 @@ class HjcgServer:
         self.worker: EngineWorker | None = None
         self._stopped = threading.Event()
         interceptors = [BearerTokenInterceptor(options.auth_token)] if options.auth_token else []
+        # gRPC's own limit is only a backstop against running out of threads, set well above what the queue
+        # admits: a burst of clients must meet the queue's clear "queue is full" message, not gRPC's
+        # anonymous "Concurrent RPC limit exceeded" (seen with a limit only 8 above the queue size)
         self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=options.queue_size + 16, thread_name_prefix="hjcg-rpc"),
+            futures.ThreadPoolExecutor(max_workers=options.queue_size + 72, thread_name_prefix="hjcg-rpc"),
             interceptors=interceptors,
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)] + KEEPALIVE_OPTIONS,
-            maximum_concurrent_rpcs=options.queue_size + 8,
+            maximum_concurrent_rpcs=options.queue_size + 64,
         )
         pb_grpc.add_HjcgServicer_to_server(self.servicer, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
