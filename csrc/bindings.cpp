@@ -49,8 +49,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("seq_len"), py::arg("scale"), py::arg("out"), py::arg("workspace"));
   m.def("rms_norm", &hjcg::rms_norm_cuda, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"));
   m.def("rope_cache", &hjcg::rope_cache_cuda, py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("positions"),
-        py::arg("heads"), py::arg("kv_heads"), py::arg("q_out"), py::arg("k_cache"), py::arg("v_cache"));
-  m.def("silu_mul", &hjcg::silu_mul_cuda, py::arg("gate_up"), py::arg("out"));
+        py::arg("heads"), py::arg("kv_heads"), py::arg("q_out"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("norm_x") = py::none(), py::arg("eps") = 0.0);
+  m.def("silu_mul", &hjcg::silu_mul_cuda, py::arg("gate_up"), py::arg("out"), py::arg("norm_x") = py::none(),
+        py::arg("eps") = 0.0);
   m.def("gemv_supported", &hjcg::gemv_supported, py::arg("x"), py::arg("weight"));
   m.def("gemv", &hjcg::gemv_cuda, py::arg("x"), py::arg("weight"), py::arg("rms_eps"), py::arg("silu_mul"),
         py::arg("residual"), py::arg("out"));

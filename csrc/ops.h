@@ -41,10 +41,14 @@ void decode_attention_cuda(const torch::Tensor& q, const torch::Tensor& k_cache,
                            const torch::Tensor& workspace);
 void rms_norm_cuda(const torch::Tensor& x, const torch::Tensor& weight, double eps, const torch::Tensor& out);
 // qkv [S, (Hq + 2 Hkv) D]; cos, sin [T, D]; positions [S] int64; q_out [S, Hq, D]; caches [T, Hkv, D].
+// norm_x [S, H] (optional): the RMSNorm deferred past the GEMM, each row of qkv (or gate_up) scaled by
+// 1 / rms(norm_x row) first (the norm's weight folded into the matrix).
 void rope_cache_cuda(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                      const torch::Tensor& positions, int64_t heads, int64_t kv_heads, const torch::Tensor& q_out,
-                     const torch::Tensor& k_cache, const torch::Tensor& v_cache);
-void silu_mul_cuda(const torch::Tensor& gate_up, const torch::Tensor& out);
+                     const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                     const c10::optional<torch::Tensor>& norm_x, double eps);
+void silu_mul_cuda(const torch::Tensor& gate_up, const torch::Tensor& out, const c10::optional<torch::Tensor>& norm_x,
+                   double eps);
 // One-token GEMV: out = residual + s * x' @ weight.T, x' = x or silu(gate) * up (silu_mul, x = [gate, up]),
 // s = 1 / rms(x) when rms_eps >= 0 (the norm's weight folded into weight's columns), else 1.
 bool gemv_supported(const torch::Tensor& x, const torch::Tensor& weight);

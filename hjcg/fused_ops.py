@@ -9,11 +9,31 @@ from hjcg.native import _C
 
 
 class FusedCudaOps(LayerOps):
-    """Needs a model whose norm weights are folded (FastLlama.fold_norm_weights): the one-token GEMV
-    applies the norm as a scale."""
+    """Needs a model whose norm weights are folded (FastLlama.fold_norm_weights): the layer's norms are
+    then a per-row scale, 1 / rms(x), applied inside the one-token GEMV (decode) or, for a prompt, by the
+    kernel after the GEMM (rope_cache, silu_mul), which reads x itself: no separate norm kernel."""
+
+    @staticmethod
+    def _norm_deferrable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+        # several rows (one row is the GEMV's), and rows the kernels read as 16-byte vectors
+        return not _C.gemv_supported(x, weight) and x.is_contiguous() and x.shape[-1] % (16 // x.element_size()) == 0
+
+    def attention_input(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qkv_weight: torch.Tensor,
+                        positions: torch.Tensor, model: FastLlama, cache: KVCache, layer: int) -> torch.Tensor:
+        if not self._norm_deferrable(x, qkv_weight) or model.shape.head_dim % 4:
+            return super().attention_input(x, norm_weight, eps, qkv_weight, positions, model, cache, layer)
+        return self._rope_cache(x @ qkv_weight.t(), positions, model, cache, layer, x, eps)
+
+    def mlp(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up_weight: torch.Tensor,
+            down_weight: torch.Tensor) -> torch.Tensor:
+        if not self._norm_deferrable(x, gate_up_weight):
+            return super().mlp(x, norm_weight, eps, gate_up_weight, down_weight)
+        act = self._silu_mul(x @ gate_up_weight.t(), x, eps)
+        return x.addmm_(act, down_weight.t())  # the residual add in the GEMM's epilogue, in place
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        if x.shape[-1] % (16 // x.element_size()):  # the kernel reads 16-byte vectors
+        vec = 16 // x.element_size()  # the kernel reads 16-byte vectors, at most 4096 of them per row
+        if x.shape[-1] % vec or x.shape[-1] > 4096 * vec:
             return super().rms_norm(x, weight, eps)
         out = torch.empty_like(x)
         _C.rms_norm(x.contiguous(), weight, eps, out)
@@ -29,17 +49,26 @@ class FusedCudaOps(LayerOps):
 
     def rope_and_cache(self, qkv: torch.Tensor, positions: torch.Tensor, model: FastLlama, cache: KVCache,
                        layer: int) -> torch.Tensor:
-        s = model.shape
-        if s.head_dim % 4:  # the kernel moves pairs of neighbouring elements from each half of a head
+        if model.shape.head_dim % 4:  # the kernel moves pairs of neighbouring elements from each half of a head
             return super().rope_and_cache(qkv, positions, model, cache, layer)
+        return self._rope_cache(qkv, positions, model, cache, layer, None, 0.0)
+
+    @staticmethod
+    def _rope_cache(qkv: torch.Tensor, positions: torch.Tensor, model: FastLlama, cache: KVCache, layer: int,
+                    norm_x: torch.Tensor | None, eps: float) -> torch.Tensor:
+        s = model.shape
         q = torch.empty(qkv.shape[0], s.num_heads, s.head_dim, device=qkv.device, dtype=qkv.dtype)
         _C.rope_cache(qkv, model.cos, model.sin, positions, s.num_heads, s.num_kv_heads, q, cache.k[layer],
-                      cache.v[layer])
+                      cache.v[layer], norm_x, eps)
         return q
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self._silu_mul(gate_up, None, 0.0)
+
+    @staticmethod
+    def _silu_mul(gate_up: torch.Tensor, norm_x: torch.Tensor | None, eps: float) -> torch.Tensor:
         out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, device=gate_up.device, dtype=gate_up.dtype)
-        _C.silu_mul(gate_up, out)
+        _C.silu_mul(gate_up, out, norm_x, eps)
         return out
 
     def residual_linear(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

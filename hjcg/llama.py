@@ -155,11 +155,9 @@ class FastLlama:
         x = F.embedding(input_ids, self.embed)                 # [S, H]
         eps = s.rms_norm_eps
         for i, layer in enumerate(self.layers):
-            qkv = ops.norm_linear(x, layer.input_norm, eps, layer.qkv)
-            q = ops.rope_and_cache(qkv, positions, self, cache, i)                # [S, Hq, D]
+            q = ops.attention_input(x, layer.input_norm, eps, layer.qkv, positions, self, cache, i)  # [S, Hq, D]
             x = ops.residual_linear(x, attention(i, q).reshape(x.shape[0], -1), layer.o)
-            gate_up = ops.norm_linear(x, layer.post_norm, eps, layer.gate_up)
-            x = ops.mlp_down(x, gate_up, layer.down)
+            x = ops.mlp(x, layer.post_norm, eps, layer.gate_up, layer.down)
         if logit_rows is not None:
             x = x.index_select(0, logit_rows)
         return ops.norm_linear(x, self.norm, eps, self.lm_head).float()
@@ -189,6 +187,16 @@ class LayerOps:
         v = qkv[:, k_end:].view(-1, s.num_kv_heads, s.head_dim)
         cache.write(layer, positions, k * cos + rotate_half(k) * sin, v)
         return q * cos + rotate_half(q) * sin
+
+    def attention_input(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qkv_weight: torch.Tensor,
+                        positions: torch.Tensor, model: FastLlama, cache: KVCache, layer: int) -> torch.Tensor:
+        """q [S, Hq, D] of rope(rms_norm(x) @ qkv_weight.T); k and v go into the cache."""
+        return self.rope_and_cache(self.norm_linear(x, norm_weight, eps, qkv_weight), positions, model, cache, layer)
+
+    def mlp(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up_weight: torch.Tensor,
+            down_weight: torch.Tensor) -> torch.Tensor:
+        """x + silu(gate) * up @ down.T, with [gate, up] = rms_norm(x) @ gate_up_weight.T"""
+        return self.mlp_down(x, self.norm_linear(x, norm_weight, eps, gate_up_weight), down_weight)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)

@@ -193,3 +193,34 @@ def test_gemv_with_fused_norm_activation_and_residual_matches_torch(dtype, k, n)
     expected = residual.double() + act.double() @ w.double().t()
     _C.gemv(gate_up, w, -1.0, True, residual, residual)  # in place into the residual stream
     assert rel(residual, expected) < tol
+
+
+# The prompt path defers the RMSNorm past the GEMM (norm weights folded, so they are ones): the kernels
+# after it scale each row by 1 / rms(x). Same result as normalising first, up to rounding.
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("tokens", [7, 300])
+def test_deferred_norm_in_attention_input_and_mlp_matches_torch(dtype, tol, tokens):
+    from types import SimpleNamespace
+
+    from hjcg.fused_ops import FusedCudaOps
+    from hjcg.kv_cache import KVCache
+    from hjcg.llama import LayerOps
+
+    heads, kv_heads, dim, hidden, ffn, max_pos = 8, 2, 64, 512, 1376, 1024
+    angles = torch.rand(max_pos, dim // 2, device="cuda") * 6.3
+    model = SimpleNamespace(shape=SimpleNamespace(num_heads=heads, num_kv_heads=kv_heads, head_dim=dim),
+                            cos=torch.cat([angles.cos()] * 2, -1).to(dtype), sin=torch.cat([angles.sin()] * 2, -1).to(dtype))
+    x = torch.randn(tokens, hidden, device="cuda", dtype=dtype) * 3
+    ones = torch.ones(hidden, device="cuda", dtype=dtype)
+    qkv_w = torch.randn((heads + 2 * kv_heads) * dim, hidden, device="cuda", dtype=dtype) * hidden ** -0.5
+    gate_up_w = torch.randn(2 * ffn, hidden, device="cuda", dtype=dtype) * hidden ** -0.5
+    down_w = torch.randn(hidden, ffn, device="cuda", dtype=dtype) * ffn ** -0.5
+    positions = torch.arange(tokens, device="cuda")
+    caches = [KVCache(1, max_pos, kv_heads, dim, torch.device("cuda"), dtype) for _ in range(2)]
+    q = [ops.attention_input(x, ones, 1e-5, qkv_w, positions, model, cache, 0)
+         for ops, cache in zip((FusedCudaOps(), LayerOps()), caches)]
+    assert _rel(q[0], q[1]) < tol
+    assert _rel(caches[0].k[0], caches[1].k[0]) < tol and _rel(caches[0].v[0], caches[1].v[0]) < tol
+    fused_out = FusedCudaOps().mlp(x.clone(), ones, 1e-5, gate_up_w, down_w)
+    plain_out = LayerOps().mlp(x.clone(), ones, 1e-5, gate_up_w, down_w)
+    assert _rel(fused_out - x, plain_out - x) < tol  # the MLP's contribution, not just the residual
