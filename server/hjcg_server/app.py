@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hjcg.config import EngineConfig
-from hjcg.engine import Engine
+from hjcg.engine import Engine, freeze_heap
 from hjcg.v1 import hjcg_pb2 as pb
 from hjcg.v1 import hjcg_pb2_grpc as pb_grpc
 from hjcg_server.metrics import Metrics
@@ -114,6 +114,7 @@ class HjcgServer:
             report = engine.warm([])
             log.info("warm-up: %s", report.get("message") or f"{len(report['graphs'])} graphs in "
                      f"{report['total_ms']:.0f} ms, {report['graph_bytes'] / 2**20:.1f} MiB")
+        freeze_heap()  # a full collection during a request would land in its latency
         self.worker = EngineWorker(engine, self.options.queue_size, on_job_done=self.servicer.job_done)
         self.servicer.attach(engine, self.worker)
         self.metrics.watch(self.worker, engine)
