@@ -7,12 +7,12 @@ import torch
 
 MODES = ("eager", "compiled", "graphs", "hybrid")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Prefill length buckets captured by default on CUDA. Up to ~256 tokens a 7B prefill is bound by reading
-# the weights, so padding is nearly free; beyond, it is bound by arithmetic in cuBLAS kernels that tile
-# the tokens by 128, so its time steps at multiples of 128 (H100, Llama-2-7B: 384 tokens 8.7 ms, 416 10.5,
-# 480 10.1, 512 10.6): buckets between 384 and 512 buy nothing. Each graph holds ~0.2 MiB per bucket
-# token (Llama-2-7B): this set ~0.4 GiB.
-DEFAULT_PREFILL_BUCKETS = (16, 32, 64, 96, 128, 192, 256, 320, 384, 512)
+# Prefill length buckets captured by default on CUDA: the lower envelope of replay time against bucket
+# length, measured (bench/bucket_sweep.py, bench/results/2026-11-22-h100-0c17340/bucket_sweep.json). cuBLAS
+# tiles the tokens, so time is not monotonic in length (H100, Llama-2-7B: 224 tokens 7.00 ms, 256 6.84;
+# 416 9.96, 432 8.95; 448 10.71, 480 9.64): a bucket earns its place only where it is faster than every
+# longer one. Each graph holds ~0.15 MiB per bucket token (Llama-2-7B): this set ~0.45 GiB.
+DEFAULT_PREFILL_BUCKETS = (16, 32, 64, 96, 128, 160, 208, 256, 304, 384, 432, 480, 512)
 
 
 @dataclass(slots=True)
