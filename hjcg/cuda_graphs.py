@@ -21,7 +21,7 @@ import torch
 
 from hjcg.config import EngineConfig
 from hjcg.fused_ops import FusedCudaOps, decode_attention
-from hjcg.llama import FastLlama, LayerOps, causal_self_attention, masked_cache_attention
+from hjcg.llama import Attention, FastLlama, LayerOps, causal_self_attention, masked_cache_attention
 from hjcg.native import _C
 from hjcg.runners import chunks
 from hjcg.sampling import SamplerState, SamplingParams
@@ -58,6 +58,7 @@ class GraphRunner:
         self.sampler = SamplerState(device, config.max_context + self.buckets[-1])
         self.graphs = _C.GraphCache(config.graph_cache_max_entries, config.graph_cache_max_bytes)
         self.inputs: dict[int, PrefillInputs] = {}
+        self.row_attentions: dict[int, Attention] = {}
         self.logits = torch.zeros(1, model.shape.vocab_size, device=device, dtype=torch.float32)
         self.decode_logits = torch.zeros_like(self.logits)  # the last decode step's logits (tests, logprobs)
         self.token = torch.zeros(1, device=device, dtype=torch.int64)
@@ -89,11 +90,24 @@ class GraphRunner:
         attention = (causal_self_attention(self.cache) if first_chunk
                      else masked_cache_attention(self.cache, inp.positions))
 
+        row_attention = self._row_attention(bucket)
+
         def run() -> None:
-            logits = self.model.forward(inp.ids, inp.positions, self.cache, attention, inp.last_index, self.ops)
+            logits = self.model.forward(inp.ids, inp.positions, self.cache, attention, inp.last_index, self.ops,
+                                        row_attention)
             self.logits.copy_(logits)
 
         return run
+
+    def _row_attention(self, bucket: int) -> Attention | None:
+        """The last layer's one sampled row: the decode kernel, its key count written by the padding step.
+        Kept for the runner's life: its workspace, allocated on the warm-up run before a capture, is
+        memory the captured graph writes to."""
+        if not self.fused:
+            return None
+        if bucket not in self.row_attentions:
+            self.row_attentions[bucket] = decode_attention(self.cache, self._inputs(bucket).seq_len, ATTENTION_SPLITS)
+        return self.row_attentions[bucket]
 
     def _inputs(self, bucket: int) -> PrefillInputs:
         if bucket not in self.inputs:

@@ -18,9 +18,13 @@ class FusedCudaOps(LayerOps):
         # several rows (one row is the GEMV's), and rows the kernels read as 16-byte vectors
         return not _C.gemv_supported(x, weight) and x.is_contiguous() and x.shape[-1] % (16 // x.element_size()) == 0
 
+    @staticmethod
+    def _rope_supported(model: FastLlama) -> bool:
+        return model.shape.head_dim % 4 == 0  # the kernel moves pairs of neighbours from each half of a head
+
     def attention_input(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qkv_weight: torch.Tensor,
                         positions: torch.Tensor, model: FastLlama, cache: KVCache, layer: int) -> torch.Tensor:
-        if not self._norm_deferrable(x, qkv_weight) or model.shape.head_dim % 4:
+        if not self._norm_deferrable(x, qkv_weight) or not self._rope_supported(model):
             return super().attention_input(x, norm_weight, eps, qkv_weight, positions, model, cache, layer)
         return self._rope_cache(x @ qkv_weight.t(), positions, model, cache, layer, x, eps)
 
@@ -29,7 +33,7 @@ class FusedCudaOps(LayerOps):
         if not self._norm_deferrable(x, gate_up_weight):
             return super().mlp(x, norm_weight, eps, gate_up_weight, down_weight)
         act = self._silu_mul(x @ gate_up_weight.t(), x, eps)
-        return x.addmm_(act, down_weight.t())  # the residual add in the GEMM's epilogue, in place
+        return self.residual_linear(x, act, down_weight)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         vec = 16 // x.element_size()  # the kernel reads 16-byte vectors, at most 4096 of them per row
@@ -49,7 +53,7 @@ class FusedCudaOps(LayerOps):
 
     def rope_and_cache(self, qkv: torch.Tensor, positions: torch.Tensor, model: FastLlama, cache: KVCache,
                        layer: int) -> torch.Tensor:
-        if model.shape.head_dim % 4:  # the kernel moves pairs of neighbouring elements from each half of a head
+        if not self._rope_supported(model):
             return super().rope_and_cache(qkv, positions, model, cache, layer)
         return self._rope_cache(qkv, positions, model, cache, layer, None, 0.0)
 

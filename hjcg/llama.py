@@ -9,11 +9,13 @@ Shapes: S = tokens in the step, H = hidden size, Hq/Hkv = query/KV heads, D = he
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hjcg.kv_cache import KVCache
 
@@ -144,22 +146,32 @@ class FastLlama:
         return KVCache(s.num_layers, length, s.num_kv_heads, s.head_dim, self.device, self.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, attention: Attention,
-                logit_rows: torch.Tensor | None, ops: "LayerOps | None" = None) -> torch.Tensor:
+                logit_rows: torch.Tensor | None, ops: "LayerOps | None" = None,
+                row_attention: Attention | None = None) -> torch.Tensor:
         """input_ids, positions: [S] int64; logit_rows: [R] int64 row indices (None: all rows).
 
         Writes the step's K/V into `cache` at `positions` and returns logits [R, vocab] in float32.
         `ops` supplies the elementwise stages (plain torch by default; fused CUDA kernels in hybrid mode).
+        `row_attention` serves the last layer's `logit_rows` alone (default: masked attention over the
+        cache at those rows' positions).
         """
         ops = ops or TORCH_OPS
         s = self.shape
         x = F.embedding(input_ids, self.embed)                 # [S, H]
         eps = s.rms_norm_eps
+        last_layer = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             q = ops.attention_input(x, layer.input_norm, eps, layer.qkv, positions, self, cache, i)  # [S, Hq, D]
-            x = ops.residual_linear(x, attention(i, q).reshape(x.shape[0], -1), layer.o)
+            if i == last_layer and logit_rows is not None:
+                # Only the rows the lm head reads matter past the last layer's K/V (in the cache by now):
+                # its attention, o projection and MLP run on those rows alone (~2.5% of a prompt's FLOPs).
+                x, q = x.index_select(0, logit_rows), q.index_select(0, logit_rows)
+                attend = row_attention or masked_cache_attention(cache, positions.index_select(0, logit_rows))
+                out = attend(i, q)
+            else:
+                out = attention(i, q)
+            x = ops.residual_linear(x, out.reshape(x.shape[0], -1), layer.o)
             x = ops.mlp(x, layer.post_norm, eps, layer.gate_up, layer.down)
-        if logit_rows is not None:
-            x = x.index_select(0, logit_rows)
         return ops.norm_linear(x, self.norm, eps, self.lm_head).float()
 
 
@@ -215,15 +227,25 @@ TORCH_OPS = LayerOps()
 
 # --- attention variants -------------------------------------------------------------------------------
 
+# SDPA backends by preference for short prompts on CUDA: memory-efficient attention takes ~12.5 us up to
+# ~256 tokens where cuDNN's (torch's first choice) takes 17-18; cuDNN wins beyond (H100, Llama-2-7B heads,
+# bench/lab/sdpa_backends.py). Where one cannot serve a call, the next in the list does.
+SHORT_PROMPT_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                     SDPBackend.MATH]
+SHORT_PROMPT_TOKENS = 256
+
+
 def causal_self_attention(cache: KVCache) -> Attention:
     """Prefill of a chunk that starts at position 0: it attends causally to itself, cache rows [0, S)."""
     def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
         n = q.shape[0]
         k, v = cache.k[layer, :n], cache.v[layer, :n]
         # 4-D [1, H, S, D]: with 3-D inputs SDPA takes its slow math path instead of flash attention
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                             v.transpose(0, 1)[None], is_causal=True,
-                                             enable_gqa=q.shape[1] != k.shape[1])
+        args = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+        backends = (sdpa_kernel(SHORT_PROMPT_SDPA, set_priority=True) if q.is_cuda and n <= SHORT_PROMPT_TOKENS
+                    else contextlib.nullcontext())
+        with backends:
+            out = F.scaled_dot_product_attention(*args, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
         return out[0].transpose(0, 1)
     return attend
 

@@ -117,3 +117,20 @@ def test_config_rejects_bad_settings(kwargs, message):
 def test_sampling_params_reject_out_of_range_values(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_sampled_rows_alone_in_the_last_layer_give_the_full_forward_logits():
+    # The last layer runs its attention, o projection and MLP on the rows the lm head reads; their logits
+    # must be those of the full forward, wherever the rows sit in the prompt.
+    from hjcg.llama import FastLlama, causal_self_attention
+    from hjcg.random_models import random_llama
+
+    loaded = random_llama("tiny-gqa", torch.float32, "cpu", seed=3)
+    model = FastLlama(loaded.hf_model, torch.device("cpu"), torch.float32, 64)
+    ids = torch.randint(3, loaded.hf_model.config.vocab_size, (20,), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(20)
+    cache = model.new_cache(64)
+    full = model.forward(ids, positions, cache, causal_self_attention(cache), None)
+    rows = torch.tensor([19, 4])
+    trimmed = model.forward(ids, positions, cache, causal_self_attention(cache), rows)
+    torch.testing.assert_close(trimmed, full[rows], rtol=1e-5, atol=1e-5)
