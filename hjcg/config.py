@@ -7,12 +7,14 @@ import torch
 
 MODES = ("eager", "compiled", "graphs", "hybrid")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Prefill length buckets captured by default on CUDA: the lower envelope of replay time against bucket
-# length, measured (bench/bucket_sweep.py, bench/results/2026-11-22-h100-0c17340/bucket_sweep.json). cuBLAS
-# tiles the tokens, so time is not monotonic in length (H100, Llama-2-7B: 224 tokens 7.00 ms, 256 6.84;
-# 416 9.96, 432 8.95; 448 10.71, 480 9.64): a bucket earns its place only where it is faster than every
-# longer one. Each graph holds ~0.15 MiB per bucket token (Llama-2-7B): this set ~0.45 GiB.
-DEFAULT_PREFILL_BUCKETS = (16, 32, 64, 96, 128, 160, 208, 256, 304, 384, 432, 480, 512)
+# Prefill length buckets captured by default on CUDA: of the sets of 15 graphs, the one with the least mean
+# replay time over prompt lengths 1..512 (bench.bucket_sweep.choose_buckets over the measured sweep,
+# bench/results/2026-11-22-h100-sweep/bucket_sweep.json: H100, Llama-2-7B, random tokens). cuBLAS tiles the
+# tokens, so time is not monotonic in length (400 tokens 10.58 ms, 416 11.61, 432 10.90): a bucket earns its
+# place where it is faster than every longer one and serves enough lengths. Each graph holds ~0.15 MiB per
+# bucket token (Llama-2-7B): this set ~0.65 GiB.
+DEFAULT_PREFILL_BUCKETS = (48, 96, 128, 176, 208, 256, 288, 304, 336, 368, 384, 400, 432, 480, 512)
+DEFAULT_GRAPH_CACHE_ENTRIES = 24  # the default buckets, the decode graph and room for chunk graphs
 
 
 @dataclass(slots=True)
@@ -26,7 +28,7 @@ class EngineConfig:
     max_new_tokens: int = 1024
     default_max_new_tokens: int = 256
     prefill_buckets: tuple[int, ...] = DEFAULT_PREFILL_BUCKETS
-    graph_cache_max_entries: int = 16
+    graph_cache_max_entries: int = DEFAULT_GRAPH_CACHE_ENTRIES
     graph_cache_max_bytes: int = 1 << 30
     cache_dir: str | None = None      # where converted GGUF weights are kept; None: ~/.cache/hjcg
     extra: dict = field(default_factory=dict)

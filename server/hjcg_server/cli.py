@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from hjcg.config import MODES, EngineConfig
+from hjcg.config import DEFAULT_GRAPH_CACHE_ENTRIES, DEFAULT_PREFILL_BUCKETS, MODES, EngineConfig
 from hjcg_server.app import ServerOptions, serve
 
 
@@ -27,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--default-max-new-tokens", type=int, default=256)
     s.add_argument("--queue-size", type=int, default=64, help="requests that may wait; more get RESOURCE_EXHAUSTED")
     s.add_argument("--graph-budget-mib", type=int, default=1024, help="GPU memory for cached prefill graphs")
-    s.add_argument("--graph-max-entries", type=int, default=16)
+    s.add_argument("--graph-max-entries", type=int, default=DEFAULT_GRAPH_CACHE_ENTRIES,
+                   help=f"graphs the cache may hold (the default set: {len(DEFAULT_PREFILL_BUCKETS)} prefill buckets "
+                   "and the decode graph)")
     s.add_argument("--warm", action="store_true", help="capture the default CUDA graphs before serving")
     s.add_argument("--grace", type=float, default=30.0, help="seconds running requests get to finish on SIGTERM")
     s.add_argument("--auth-token-file", help="file holding the bearer token every RPC must present "
