@@ -10,7 +10,7 @@ STAGES=${STAGES:-"build test bench"}
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONPATH="$PWD:$PWD/server:$PWD/client:${PYTHONPATH:-}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-# Python packages the GPU image lacks travel as wheels in .whl/ (see bench/README.md)
+# Python packages the GPU image lacks travel as wheels in .whl/ (see the README's Benchmarks section)
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
