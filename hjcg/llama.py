@@ -227,12 +227,13 @@ TORCH_OPS = LayerOps()
 
 # --- attention variants -------------------------------------------------------------------------------
 
-# SDPA backends by preference for short prompts on CUDA: memory-efficient attention takes ~12.5 us up to
-# ~256 tokens where cuDNN's (torch's first choice) takes 17-18; cuDNN wins beyond (H100, Llama-2-7B heads,
-# bench/lab/sdpa_backends.py). Where one cannot serve a call, the next in the list does.
+# SDPA backends by preference for short prompts on CUDA: memory-efficient attention takes 5.8-6.7 us per
+# layer up to 128 tokens where cuDNN's (torch's first choice) takes 7.4-7.8; cuDNN wins from ~200 tokens on
+# (H100, Llama-2-7B heads, in a CUDA graph: bench/lab/sdpa_backends.py). Where one cannot serve a call, the
+# next in the list does.
 SHORT_PROMPT_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                      SDPBackend.MATH]
-SHORT_PROMPT_TOKENS = 256
+SHORT_PROMPT_TOKENS = 128
 
 
 def causal_self_attention(cache: KVCache) -> Attention:
