@@ -30,4 +30,8 @@ if [[ " $STAGES " == *" bench "* ]]; then
   python3 -m bench run --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60
   rc=$(( rc | PIPESTATUS[0] ))
 fi
+# PACK=1: everything under $OUT in one archive (a device that returns a few files returns it whole)
+if [[ -n "${PACK:-}" ]]; then
+  tar -czf /tmp/hjcg-results.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/hjcg-results.tgz "$OUT/results.tgz"
+fi
 exit $rc
