@@ -9,49 +9,112 @@ import sys
 import grpc
 from google.protobuf import json_format
 
-from hjcg_client.client import HjcgClient
+from hjcg import __version__
+from hjcg_client.client import DEFAULT_TARGET, HjcgClient
+
+INT32 = (-2**31, 2**31 - 1)
+UINT32 = (0, 2**32 - 1)
+UINT64 = (0, 2**64 - 1)
+# `hjcg serve --default-max-new-tokens`: what the server generates when a request leaves max_new_tokens at 0
+SERVER_DEFAULT_MAX_NEW_TOKENS = 256
+EXIT_BROKEN_PIPE = 128 + 13  # what a tool killed by SIGPIPE reports
+
+
+def _int_in(lo: int, hi: int, what: str = "an integer"):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be {what} in [{lo}, {hi}], got {value}")
+        return value
+    return parse
+
+
+def _connection_flags(p: argparse.ArgumentParser, with_defaults: bool) -> None:
+    """The flags every command shares. They are accepted before the command and after it; the copies after
+    it default to SUPPRESS, so that they override the ones before only when given."""
+    def default(value):
+        return value if with_defaults else argparse.SUPPRESS
+    g = p.add_argument_group("connection (before or after the command)")
+    g.add_argument("--target", default=default(os.environ.get("HJCG_TARGET", DEFAULT_TARGET)),
+                   help=f"host:port or unix:/path (default $HJCG_TARGET or {DEFAULT_TARGET})")
+    g.add_argument("--token-file", default=default(None), help="file with the bearer token (or set HJCG_AUTH_TOKEN)")
+    g.add_argument("--tls-ca", default=default(None), help="PEM CA bundle to verify a TLS server")
+    g.add_argument("--tls-cert", default=default(None), help="PEM client certificate (mutual TLS)")
+    g.add_argument("--tls-key", default=default(None), help="PEM client key (mutual TLS)")
+    g.add_argument("--timeout", type=float, default=default(None), help="deadline in seconds")
+
+
+GENERATE_HELP = (
+    "Streams a completion to stdout. Out of the box decoding is greedy (temperature 0: the most likely token "
+    "each step) and the server generates until EOS or its default number of new tokens, which is "
+    f"`hjcg serve --default-max-new-tokens` ({SERVER_DEFAULT_MAX_NEW_TOKENS} unless the server was started "
+    "with another value).")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hjcg-client", description="talk to an hjcg server")
-    p.add_argument("--target", default=os.environ.get("HJCG_TARGET", "127.0.0.1:50051"),
-                   help="host:port or unix:/path (default $HJCG_TARGET or 127.0.0.1:50051)")
-    p.add_argument("--token-file", help="file with the bearer token (or set HJCG_AUTH_TOKEN)")
-    p.add_argument("--tls-ca", help="PEM CA bundle to verify a TLS server")
-    p.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
-    p.add_argument("--tls-key", help="PEM client key (mutual TLS)")
-    p.add_argument("--timeout", type=float, help="deadline in seconds")
+    p.add_argument("--version", action="version", version=f"hjcg-client {__version__}")
+    _connection_flags(p, with_defaults=True)
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="stream a completion to stdout")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, **kwargs)
+        _connection_flags(c, with_defaults=False)
+        return c
+
+    g = command("generate", help="stream a completion to stdout", description=GENERATE_HELP)
     g.add_argument("prompt", nargs="?", help="prompt text ('-' or nothing: read stdin)")
     g.add_argument("--chat", action="store_true", help="send the prompt as a user chat message (chat template)")
-    g.add_argument("--system", help="system message (with --chat)")
-    g.add_argument("--token-ids", help="comma-separated token ids instead of text")
-    g.add_argument("--max-new-tokens", type=int, default=0)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=0.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=0.0)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--system", help="system message (needs --chat)")
+    g.add_argument("--token-ids", help="comma-separated token ids instead of a prompt")
+    g.add_argument("--max-new-tokens", type=_int_in(*UINT32), default=0, metavar="N",
+                   help="generate at most N tokens (default 0: the server's default, its --default-max-new-tokens, "
+                   f"{SERVER_DEFAULT_MAX_NEW_TOKENS} unless set otherwise)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy; > 0: sample")
+    g.add_argument("--top-k", type=_int_in(*INT32), default=0, help="keep the k most likely tokens (0, default: off)")
+    g.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass (0 or 1, default: off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top one (0, default: off)")
+    g.add_argument("--repetition-penalty", type=float, default=0.0, help="0 or 1 (default): off")
+    g.add_argument("--seed", type=_int_in(*UINT64, "an unsigned 64-bit integer"),
+                   help="seed of the sampler (the same seed and request give the same tokens)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--stop-token-id", type=int, action="append", default=[])
+    g.add_argument("--stop-token-id", type=_int_in(*INT32), action="append", default=[], help="(repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--request-id", default="")
-    g.add_argument("--json", action="store_true", help="one JSON object per response message")
+    g.add_argument("--json", action="store_true", help="one JSON object per response message, every field")
 
-    s = sub.add_parser("status", help="model, device, queue and graph cache")
+    s = command("status", help="model, device, queue and graph cache")
     s.add_argument("--json", action="store_true")
-    w = sub.add_parser("warm", help="capture CUDA graphs ahead of traffic")
-    w.add_argument("lengths", nargs="*", type=int, help="prompt lengths (none: the default set)")
+    w = command("warm", help="capture CUDA graphs ahead of traffic")
+    w.add_argument("lengths", nargs="*", type=_int_in(*UINT32), help="prompt lengths (none: the default set)")
     w.add_argument("--json", action="store_true")
-    sub.add_parser("health", help="the standard health check")
+    command("health", help="the standard health check")
     return p
 
 
+def _check_generate(p: argparse.ArgumentParser, args) -> None:
+    """Refuses flag combinations that would otherwise be silently ignored."""
+    if args.system is not None and not args.chat:
+        p.error("generate: --system needs --chat (a system message is part of a chat)")
+    if args.token_ids is not None:
+        if args.prompt is not None:
+            p.error("generate: give a prompt or --token-ids, not both")
+        if args.chat:
+            p.error("generate: --chat renders a text prompt; it does not apply to --token-ids")
+        try:
+            args.token_ids = [int(t) for t in args.token_ids.split(",") if t.strip()]
+        except ValueError:
+            p.error("generate: --token-ids must be comma-separated integers")
+        if not all(INT32[0] <= t <= INT32[1] for t in args.token_ids):
+            p.error("generate: --token-ids must each fit in a 32-bit signed integer")
+
+
 def _message_json(message) -> str:
-    return json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True))
+    return json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                                always_print_fields_with_no_presence=True))
 
 
 def _generate(client: HjcgClient, args) -> int:
@@ -59,16 +122,12 @@ def _generate(client: HjcgClient, args) -> int:
                   top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                   stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos,
                   request_id=args.request_id)
-    if args.token_ids:
-        try:
-            kwargs["token_ids"] = [int(t) for t in args.token_ids.split(",") if t.strip()]
-        except ValueError:
-            raise SystemExit("hjcg-client: --token-ids must be comma-separated integers")
+    if args.token_ids is not None:
+        kwargs["token_ids"] = args.token_ids
     else:
         prompt = args.prompt if args.prompt not in (None, "-") else sys.stdin.read()
         if args.chat:
-            chat = ([("system", args.system)] if args.system else []) + [("user", prompt)]
-            kwargs["chat"] = chat
+            kwargs["chat"] = ([("system", args.system)] if args.system is not None else []) + [("user", prompt)]
         else:
             kwargs["text"] = prompt
     call = client.generate_stream(client.request(**kwargs), timeout=args.timeout)
@@ -86,6 +145,9 @@ def _generate(client: HjcgClient, args) -> int:
         call.cancel()
         print("\nhjcg-client: cancelled", file=sys.stderr)
         return 130
+    except BaseException:
+        call.cancel()  # e.g. the reader of stdout went away: stop the generation on the server too
+        raise
     return 0
 
 
@@ -119,30 +181,52 @@ def _warm(client: HjcgClient, args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _rpc_error(e: grpc.RpcError, target: str) -> str:
+    code, details = e.code(), e.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        # The server's own UNAVAILABLE answers say why (hjcg_server.servicer / worker); anything else with this
+        # code is the channel's: the server could not be reached, or the connection broke.
+        if "shut down" in details or "shutting down" in details:
+            return f"hjcg-client: the server at {target} shut down: {details} (UNAVAILABLE: the request may be retried)"
+        if "loading" in details:
+            return f"hjcg-client: the server at {target} is still loading its model: {details} (UNAVAILABLE: retry)"
+        return f"hjcg-client: cannot reach an hjcg server at {target}: {details}"
+    return f"hjcg-client: {code.name}: {details}"
+
+
+def _run(args) -> int:
     token = None
     if args.token_file:
         token = open(args.token_file, encoding="utf-8").read().strip()
     token = token or os.environ.get("HJCG_AUTH_TOKEN") or None
+    with HjcgClient(args.target, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                    tls_key=args.tls_key) as client:
+        if args.command == "generate":
+            return _generate(client, args)
+        if args.command == "status":
+            return _status(client, args)
+        if args.command == "warm":
+            return _warm(client, args)
+        print(client.health(timeout=args.timeout or 5.0))
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "generate":
+        _check_generate(parser, args)
     try:
-        with HjcgClient(args.target, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                        tls_key=args.tls_key) as client:
-            if args.command == "generate":
-                return _generate(client, args)
-            if args.command == "status":
-                return _status(client, args)
-            if args.command == "warm":
-                return _warm(client, args)
-            print(client.health(timeout=args.timeout or 5.0))
-            return 0
+        rc = _run(args)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        # The reader of stdout went away (`hjcg-client generate ... | head`): stop quietly, as a tool killed by
+        # SIGPIPE does. Output still buffered goes to /dev/null instead of failing again at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except grpc.RpcError as e:
-        code = e.code()
-        if code == grpc.StatusCode.UNAVAILABLE and "shutting down" not in (e.details() or "") \
-                and "loading" not in (e.details() or ""):
-            print(f"hjcg-client: cannot reach an hjcg server at {args.target}: {e.details()}", file=sys.stderr)
-        else:
-            print(f"hjcg-client: {code.name}: {e.details()}", file=sys.stderr)
+        print(_rpc_error(e, args.target), file=sys.stderr)
         return 1
     except (OSError, ValueError) as e:
         print(f"hjcg-client: {e}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """A Python client for the hjcg.v1 gRPC API."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -10,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hjcg.v1 import hjcg_pb2 as pb
 from hjcg.v1 import hjcg_pb2_grpc as pb_grpc
 
+DEFAULT_TARGET = "127.0.0.1:50051"  # where `hjcg serve` listens by default
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -20,10 +22,12 @@ CHANNEL_OPTIONS = [
 
 
 class HjcgClient:
-    """Connects to an hjcg server at `target` (host:port or unix:/path)."""
+    """Connects to an hjcg server at `target` (host:port or unix:/path; default $HJCG_TARGET, else
+    127.0.0.1:50051)."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, tls_ca: str | None = None,
+    def __init__(self, target: str | None = None, token: str | None = None, tls_ca: str | None = None,
                  tls_cert: str | None = None, tls_key: str | None = None):
+        target = target or os.environ.get("HJCG_TARGET") or DEFAULT_TARGET
         if tls_ca or tls_cert:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
