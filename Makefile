@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PORT ?= 50051
 CMAKE_BUILD := build/cmake
 
-.PHONY: install demo serve test test-python test-cpp node-deps stubs clean
+.PHONY: install demo serve test test-python test-cpp node-deps lint-proto stubs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,12 +33,19 @@ demo: install
 serve: install
 	$(BIN)/hjcg serve --listen 127.0.0.1:$(PORT)
 
-test: install node-deps test-python test-cpp
+test: install node-deps lint-proto test-python test-cpp
 
-# the Node.js client's packages, for its test against a live server (skipped where node is absent)
+# npm packages from the committed lock files: the Node.js client's (its test against a live server) and
+# proto/'s tools (buf). Where npm is absent those tests are skipped (and fail under CI=1).
 node-deps:
-	@if command -v npm > /dev/null; then cd client/node && npm ci --no-audit --no-fund --silent; \
-	  else echo "npm not found: the Node client test will be skipped"; fi
+	@if command -v npm > /dev/null; then \
+	  (cd client/node && npm ci --no-audit --no-fund --silent) && (cd proto && npm ci --no-audit --no-fund --silent); \
+	  else echo "npm not found: the Node client test and buf lint will be skipped"; fi
+
+# buf's style checks over proto/ (its exceptions, with their reasons, are in proto/buf.yaml)
+lint-proto:
+	@if [ -x proto/node_modules/.bin/buf ]; then cd proto && ./node_modules/.bin/buf lint && echo "buf lint: ok"; \
+	  else echo "proto/node_modules missing (make node-deps): buf lint skipped"; fi
 
 test-python:
 	$(BIN)/python -m pytest -q --timeout=900 tests
@@ -49,8 +56,11 @@ test-cpp:
 	cmake --build $(CMAKE_BUILD) -j2 > /dev/null
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
-stubs: install
+# regenerating the stubs needs grpcio-tools from the venv, not a fresh build of the extension: install only
+# where there is no venv yet
+stubs:
+	@test -x $(BIN)/python || $(MAKE) install
 	PATH=$(abspath $(BIN)):$$PATH ./proto/generate_python.sh
 
 clean:
-	rm -rf build $(VENV) hjcg/_C*.so *.egg-info client/node/node_modules
+	rm -rf build $(VENV) hjcg/_C*.so *.egg-info client/node/node_modules proto/node_modules
