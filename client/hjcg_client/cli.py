@@ -189,7 +189,7 @@ def _rpc_error(e: grpc.RpcError, target: str) -> str:
         if "shut down" in details or "shutting down" in details:
             return f"hjcg-client: the server at {target} shut down: {details} (UNAVAILABLE: the request may be retried)"
         if "loading" in details:
-            return f"hjcg-client: the server at {target} is still loading its model: {details} (UNAVAILABLE: retry)"
+            return f"hjcg-client: the server at {target} is not ready: {details} (UNAVAILABLE)"
         return f"hjcg-client: cannot reach an hjcg server at {target}: {details}"
     return f"hjcg-client: {code.name}: {details}"
 

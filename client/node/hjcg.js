@@ -11,8 +11,11 @@ const definition = protoLoader.loadSync(PROTO, {
 });
 const { hjcg } = grpc.loadPackageDefinition(definition);
 
-/** Connects to an hjcg server at `target` ("host:port" or "unix:/path"). */
+const DEFAULT_TARGET = "127.0.0.1:50051"; // where `hjcg serve` listens by default
+
+/** Connects to an hjcg server at `target` ("host:port" or "unix:/path"; default $HJCG_TARGET, else 127.0.0.1:50051). */
 function connect(target, { token } = {}) {
+  target = target || process.env.HJCG_TARGET || DEFAULT_TARGET;
   const client = new hjcg.v1.Hjcg(target, grpc.credentials.createInsecure());
   const metadata = new grpc.Metadata();
   if (token) metadata.set("authorization", `Bearer ${token}`);
@@ -49,8 +52,7 @@ module.exports = { connect, grpc };
 
 if (require.main === module) {
   // node hjcg.js "prompt"  (HJCG_TARGET, default 127.0.0.1:50051)
-  const target = process.env.HJCG_TARGET || "127.0.0.1:50051";
-  const c = connect(target, { token: process.env.HJCG_AUTH_TOKEN });
+  const c = connect(undefined, { token: process.env.HJCG_AUTH_TOKEN });
   const prompt = process.argv.slice(2).join(" ") || "What is the capital of France?";
   c.generate({ chat: { messages: [{ role: "user", content: prompt }] }, max_new_tokens: 64 },
     (t) => process.stdout.write(t.text))
