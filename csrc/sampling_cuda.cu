@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   const float temperature = a.temperature[row];
   if (temperature > 0.f) {
     // 3. unnormalised weights, the largest exactly 1
-    const float inv_t = 1.f / temperature;
+    const float inv_t = ieee_div(1.f, temperature);  // exact, as on the CPU
     for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) w[i] = expf((w[i] - best.value) * inv_t);
     __syncthreads();
 

@@ -87,7 +87,7 @@ inline int64_t sample_row_ref(const float* logits, int64_t vocab, const int64_t*
   if (!(p.temperature > 0.f)) return best;
 
   const float max_logit = work[best];
-  const float inv_t = 1.f / p.temperature;
+  const float inv_t = ieee_div(1.f, p.temperature);
   for (float& w : work) w = std::exp((w - max_logit) * inv_t);
 
   const float threshold = keep_threshold_ref(work, p);

@@ -1,60 +1,80 @@
-"""The fused sampler's CPU kernel (hjcg._C.sample): each step of its pipeline, and its draws."""
+"""The samplers on the CPU, the fused kernel's CPU reference (hjcg._C.sample) and the torch sampler
+(hjcg.torch_sampler, the graphs mode's): each step of the pipeline, their draws, and their agreement
+with each other and with the specification on random batches at every parameter's edge values."""
+import dataclasses
+import random
+
 import pytest
 import torch
 
 from hjcg.native import _C
-from sampling_spec import KernelRow, target_distribution
+from hjcg.sampling import SamplingParams, row_tensors
+from hjcg.torch_sampler import philox_uniform
+from sampling_spec import SAMPLERS, Batch, KernelRow, random_batch, target_distribution
 
 
-def draws(logits: torch.Tensor, n: int, **params) -> torch.Tensor:
-    row = KernelRow(**params)
+@pytest.fixture(params=sorted(SAMPLERS))
+def sampler(request):
+    return SAMPLERS[request.param]
+
+
+def draws(logits: torch.Tensor, n: int, sampler=_C.sample, **params) -> torch.Tensor:
+    row = KernelRow(sampler=sampler, **params)
     return torch.tensor([row.sample(logits) for _ in range(n)])
 
 
+def batch_draws(logits: torch.Tensor, n: int, sampler, seed: int, history=(), penalty=1.0, **params) -> torch.Tensor:
+    """n draws in one call: n rows of the same logits and parameters, at draw counters 0..n-1."""
+    rows = row_tensors([SamplingParams(seed=seed, repetition_penalty=penalty, **params)] * n, "cpu")
+    histories = torch.tensor([list(history)] * n, dtype=torch.int64).reshape(n, len(history))
+    batch = Batch(logits.expand(n, -1), rows, histories, torch.full((n,), len(history)), torch.arange(n))
+    return batch.run(sampler)["out"]
+
+
 @pytest.mark.parametrize("vocab", [1, 111, 32000])
-def test_greedy_is_argmax(vocab):
+def test_greedy_is_argmax(vocab, sampler):
     logits = torch.randn(vocab)
-    assert KernelRow().sample(logits) == int(torch.argmax(logits))
+    assert KernelRow(sampler=sampler).sample(logits) == int(torch.argmax(logits))
 
 
-def test_greedy_breaks_ties_by_lowest_index():
+def test_greedy_breaks_ties_by_lowest_index(sampler):
     logits = torch.zeros(10)
     logits[[3, 7]] = 5.0
-    assert KernelRow().sample(logits) == 3
+    assert KernelRow(sampler=sampler).sample(logits) == 3
 
 
-def test_repetition_penalty_applies_once_per_distinct_token():
+def test_repetition_penalty_applies_once_per_distinct_token(sampler):
     logits = torch.tensor([2.0, 1.9, -1.0, 0.5])
-    assert KernelRow(penalty=2.0, history=[0, 0, 0]).sample(logits) == 1   # 2.0 / 2 = 1.0 < 1.9
+    assert KernelRow(penalty=2.0, history=[0, 0, 0], sampler=sampler).sample(logits) == 1   # 2.0 / 2 < 1.9
     logits = torch.tensor([-0.2, -0.3])
-    assert KernelRow(penalty=2.0, history=[0]).sample(logits) == 1         # -0.2 * 2 = -0.4 < -0.3
+    assert KernelRow(penalty=2.0, history=[0], sampler=sampler).sample(logits) == 1         # -0.4 < -0.3
 
 
 @pytest.mark.parametrize("params", [
     dict(top_k=5), dict(top_p=0.5), dict(min_p=0.3), dict(top_k=20, top_p=0.8, min_p=0.05),
 ])
-def test_draws_stay_inside_the_filtered_set(params):
+def test_draws_stay_inside_the_filtered_set(params, sampler):
     torch.manual_seed(0)
     logits = torch.randn(500) * 3
     target = target_distribution(logits, 1.0, **params)
-    tokens = draws(logits, 300, temperature=1.0, seed=1, **params)
+    tokens = draws(logits, 300, sampler, temperature=1.0, seed=1, **params)
     assert bool((target[tokens] > 0).all())
 
 
-def test_top_k_one_is_greedy():
+def test_top_k_one_is_greedy(sampler):
     logits = torch.randn(1000)
-    assert set(draws(logits, 50, temperature=1.5, top_k=1, seed=2).tolist()) == {int(logits.argmax())}
+    assert set(draws(logits, 50, sampler, temperature=1.5, top_k=1, seed=2).tolist()) == {int(logits.argmax())}
 
 
 @pytest.mark.parametrize("params", [
     dict(temperature=1.0), dict(temperature=0.7, top_k=8), dict(temperature=1.3, top_p=0.7),
     dict(temperature=1.0, min_p=0.1, penalty=1.5, history=[0, 1, 2]),
 ])
-def test_empirical_distribution_matches_the_target(params):
+def test_empirical_distribution_matches_the_target(params, sampler):
     torch.manual_seed(1)
     logits = torch.randn(40) * 2
     n = 20000
-    counts = torch.bincount(draws(logits, n, seed=7, **params), minlength=40).double() / n
+    counts = torch.bincount(batch_draws(logits, n, sampler, seed=7, **params), minlength=40).double() / n
     spec = dict(params)
     history = spec.pop("history", [])
     target = target_distribution(logits, spec.pop("temperature"), history=history, **spec)
@@ -62,17 +82,18 @@ def test_empirical_distribution_matches_the_target(params):
     assert total_variation < 0.02, total_variation
 
 
-def test_same_seed_same_tokens_different_seed_different_tokens():
+def test_same_seed_same_tokens_different_seed_different_tokens(sampler):
     logits = torch.randn(1000)
-    a = draws(logits, 30, temperature=1.0, seed=123)
-    b = draws(logits, 30, temperature=1.0, seed=123)
-    c = draws(logits, 30, temperature=1.0, seed=124)
+    a = draws(logits, 30, sampler, temperature=1.0, seed=123)
+    torch.rand(5)  # the global generator's state must not matter
+    b = draws(logits, 30, sampler, temperature=1.0, seed=123)
+    c = draws(logits, 30, sampler, temperature=1.0, seed=124)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
 
-def test_each_draw_advances_the_offset_and_appends_to_history():
-    row = KernelRow(temperature=1.0, seed=5, history=[9, 8], capacity=4)
+def test_each_draw_advances_the_offset_and_appends_to_history(sampler):
+    row = KernelRow(temperature=1.0, seed=5, history=[9, 8], capacity=4, sampler=sampler)
     logits = torch.randn(100)
     first = row.sample(logits, append=True)
     assert int(row.offset) == 1 and int(row.history_len) == 3 and int(row.history[0, 2]) == first
@@ -98,6 +119,78 @@ def test_rejects_malformed_arguments():
         bad.sample(torch.randn(10))
 
 
-def test_half_precision_logits_are_accepted():
+def test_half_precision_logits_are_accepted(sampler):
     logits = torch.randn(300).half()
-    assert KernelRow().sample(logits) == int(logits.float().argmax())
+    assert KernelRow(sampler=sampler).sample(logits) == int(logits.float().argmax())
+
+
+def test_torch_philox_is_the_kernels_draw():
+    rng = random.Random(0)
+    seeds = [rng.getrandbits(64) for _ in range(200)] + [0, 2**63, 2**64 - 1]
+    offsets = [rng.getrandbits(rng.choice((4, 31, 33, 63))) for _ in seeds]
+    rows = [rng.getrandbits(rng.choice((1, 16, 32))) for _ in seeds]
+    expected = torch.tensor([_C.philox_uniform(s, o, r) for s, o, r in zip(seeds, offsets, rows)])
+    as_int64 = [s - 2**64 if s >= 2**63 else s for s in seeds]
+    got = philox_uniform(torch.tensor(as_int64), torch.tensor(offsets), torch.tensor(rows))
+    assert torch.equal(got, expected)
+
+
+def assert_batches_agree(batch, results: dict, min_equal: float) -> None:
+    """Greedy rows and state identical; sampled rows the same token for at least `min_equal` of the rows,
+    and every token inside the specification's support."""
+    names = list(results)
+    first = results[names[0]]
+    for name in names[1:]:
+        for key in ("offset", "history_len"):
+            assert torch.equal(results[name][key], first[key]), (name, key)
+    greedy = batch.params["temperature"] <= 0
+    for name in names[1:]:
+        assert torch.equal(results[name]["out"][greedy], first["out"][greedy]), name
+        same = (results[name]["out"] == first["out"]).double().mean().item()
+        assert same >= min_equal, (name, same)
+    for i in range(batch.logits.shape[0]):
+        support = batch.row_spec(i) > 0
+        for name in names:
+            assert support[results[name]["out"][i]], (name, i, batch.params)
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 7, 111, 1000])
+def test_torch_sampler_and_cpu_kernel_agree_at_every_edge_value(vocab):
+    # random rows at the parameters' edge and "off" values, random histories (out-of-vocabulary ids too)
+    rng = random.Random(vocab)
+    for _ in range(40):
+        batch = random_batch(rng, 16, vocab)
+        results = {name: batch.run(fn) for name, fn in SAMPLERS.items()}
+        assert_batches_agree(batch, results, min_equal=0.995)
+        assert torch.equal(results["torch"]["history"], results["kernel"]["history"])
+
+
+def test_out_of_range_values_mean_off_in_every_sampler():
+    # top_p <= 0 or > 1, repetition_penalty <= 0, top_k < 0, min_p < 0: never canonical (SamplingParams
+    # rejects them), but a sampler handed one directly must read it as "off", as the others do
+    rng = random.Random(7)
+    off_values = dict(top_k=torch.zeros(16, dtype=torch.int32), top_p=torch.ones(16), min_p=torch.zeros(16),
+                      repetition_penalty=torch.ones(16))
+    for _ in range(30):
+        raw = random_batch(rng, 16, 300, raw_off=True)
+        expected = dataclasses.replace(raw, params=dict(raw.params, **off_values)).run(_C.sample)
+        for name, fn in SAMPLERS.items():
+            assert torch.equal(raw.run(fn)["out"], expected["out"]), name
+
+
+def test_the_graphs_mode_sampler_follows_the_requests_seed():
+    # the engine's state object, as the 'graphs' mode drives it: same seed, same tokens, whatever the
+    # global generator did in between; the same tokens as the fused kernel
+    from hjcg.sampling import SamplerState
+    from hjcg.torch_sampler import torch_sample
+
+    logits = torch.randn(20, 1, 5000) * 2
+    prompt = torch.tensor([1, 2, 3])
+    params = SamplingParams(temperature=1.0, top_k=200, top_p=0.9, repetition_penalty=1.2, seed=42)
+    runs = []
+    for step in (torch_sample, lambda x, st: st.sample(x), torch_sample):
+        state = SamplerState(torch.device("cpu"), 64)
+        state.reset(params, prompt)
+        torch.rand(3)
+        runs.append([int(step(x, state)) for x in logits])
+    assert runs[0] == runs[1] == runs[2]
