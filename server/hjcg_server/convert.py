@@ -4,7 +4,6 @@ Every problem raises RequestError with a message that names the field and says w
 """
 from __future__ import annotations
 
-import math
 import threading
 
 from hjcg.engine import Engine, GenerationRequest, RequestError
@@ -32,20 +31,13 @@ def check_request_id(request_id: str) -> str:
 
 
 def sampling_params(s: pb.SamplingParams) -> SamplingParams:
-    for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
-        if not math.isfinite(getattr(s, name)):
-            raise RequestError(f"sampling.{name} must be a finite number")
+    """Every range, "off" value and the wire's "0 means unset" rule live in hjcg.sampling (one place)."""
     try:
-        return SamplingParams(
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p if s.top_p > 0 else 1.0,  # 0 (unset) means off
-            min_p=s.min_p,
-            repetition_penalty=s.repetition_penalty if s.repetition_penalty != 0 else 1.0,
-            seed=s.seed if s.HasField("seed") else None,
-        )
+        return SamplingParams.from_wire(
+            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+            repetition_penalty=s.repetition_penalty, seed=s.seed if s.HasField("seed") else None)
     except ValueError as e:
-        raise RequestError(f"sampling: {e}") from e
+        raise RequestError(f"sampling.{e}") from e
 
 
 def prompt_ids(request: pb.GenerateRequest, engine: Engine) -> list[int]:
