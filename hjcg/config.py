@@ -1,9 +1,13 @@
 """Engine configuration: which model, where, how, and the limits every request is held to."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 
 import torch
+
+log = logging.getLogger(__name__)
 
 MODES = ("eager", "compiled", "graphs", "hybrid")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -69,3 +73,19 @@ class EngineConfig:
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
+
+def fit_to_model(config: EngineConfig, max_positions: int | None) -> EngineConfig:
+    """`config` with max_context capped at the model's own limit (max_position_embeddings of its HF config)
+    and max_prompt_tokens following it, with a warning that says so; `config` itself when it fits.
+
+    Positions past that limit were never trained (the output there is not to be trusted), so the model's
+    figure wins over --max-context. Capped rather than refused, so that the default 4096 serves a smaller
+    model; an explicit larger value is not honoured either, and the warning names both figures.
+    """
+    if not max_positions or max_positions < 1 or config.max_context <= max_positions:
+        return config
+    prompt = min(config.max_prompt_tokens, max_positions - 1)
+    log.warning("max_context %d (--max-context) exceeds the %d positions the model supports "
+                "(max_position_embeddings): serving a context of %d tokens%s", config.max_context, max_positions,
+                max_positions, f", prompts of at most {prompt}" if prompt != config.max_prompt_tokens else "")
+    return dataclasses.replace(config, max_context=max_positions, max_prompt_tokens=prompt)

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import torch
 
 from hjcg import __version__, model_source
-from hjcg.config import EngineConfig
+from hjcg.config import EngineConfig, fit_to_model
 from hjcg.llama import FastLlama
 from hjcg.runners import CompiledRunner, EagerRunner
 from hjcg.sampling import SamplingParams
@@ -71,6 +71,7 @@ class Engine:
         self.model_name, self.model_path = loaded.name, loaded.path
         self.tokenizer = loaded.tokenizer
         self.hf_config = loaded.hf_model.config
+        config = self.config = fit_to_model(config, getattr(self.hf_config, "max_position_embeddings", None))
         self.vocab_size = int(self.hf_config.vocab_size)
         self.eos_ids = self._eos_ids(loaded)
         hf_model = loaded.hf_model
