@@ -153,3 +153,21 @@ def random_batch(rng: random.Random, rows: int, vocab: int, raw_off: bool = Fals
     history_len = torch.randint(0, capacity + 1, (rows,), generator=g)
     offset = torch.randint(0, 2**40, (rows,), generator=g)
     return Batch(random_logits(rng, rows, vocab), tensors, history, history_len, offset)
+
+
+def assert_batches_agree(batch: Batch, results: dict[str, dict]) -> dict[str, int]:
+    """Asserts that the samplers' results (name -> Batch.run's output) agree where they must: the state
+    and every greedy row identical, every token inside the specification's support. Returns, per
+    sampler, how many rows drew the same token as the first sampler's."""
+    names = list(results)
+    first = results[names[0]]
+    greedy = batch.params["temperature"] <= 0
+    for name in names[1:]:
+        for key in ("offset", "history_len"):
+            assert torch.equal(results[name][key], first[key]), (name, key)
+        assert torch.equal(results[name]["out"][greedy], first["out"][greedy]), name
+    for i in range(batch.logits.shape[0]):
+        support = batch.row_spec(i) > 0
+        for name in names:
+            assert support[results[name]["out"][i]], (name, i, {k: v[i].item() for k, v in batch.params.items()})
+    return {name: int((results[name]["out"] == first["out"]).sum()) for name in names}

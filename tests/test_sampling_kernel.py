@@ -10,7 +10,7 @@ import torch
 from hjcg.native import _C
 from hjcg.sampling import SamplingParams, row_tensors
 from hjcg.torch_sampler import philox_uniform
-from sampling_spec import SAMPLERS, Batch, KernelRow, random_batch, target_distribution
+from sampling_spec import SAMPLERS, Batch, KernelRow, assert_batches_agree, random_batch, target_distribution
 
 
 @pytest.fixture(params=sorted(SAMPLERS))
@@ -135,34 +135,19 @@ def test_torch_philox_is_the_kernels_draw():
     assert torch.equal(got, expected)
 
 
-def assert_batches_agree(batch, results: dict, min_equal: float) -> None:
-    """Greedy rows and state identical; sampled rows the same token for at least `min_equal` of the rows,
-    and every token inside the specification's support."""
-    names = list(results)
-    first = results[names[0]]
-    for name in names[1:]:
-        for key in ("offset", "history_len"):
-            assert torch.equal(results[name][key], first[key]), (name, key)
-    greedy = batch.params["temperature"] <= 0
-    for name in names[1:]:
-        assert torch.equal(results[name]["out"][greedy], first["out"][greedy]), name
-        same = (results[name]["out"] == first["out"]).double().mean().item()
-        assert same >= min_equal, (name, same)
-    for i in range(batch.logits.shape[0]):
-        support = batch.row_spec(i) > 0
-        for name in names:
-            assert support[results[name]["out"][i]], (name, i, batch.params)
-
-
 @pytest.mark.parametrize("vocab", [1, 2, 7, 111, 1000])
 def test_torch_sampler_and_cpu_kernel_agree_at_every_edge_value(vocab):
     # random rows at the parameters' edge and "off" values, random histories (out-of-vocabulary ids too)
     rng = random.Random(vocab)
+    rows = same = 0
     for _ in range(40):
         batch = random_batch(rng, 16, vocab)
         results = {name: batch.run(fn) for name, fn in SAMPLERS.items()}
-        assert_batches_agree(batch, results, min_equal=0.995)
+        same += assert_batches_agree(batch, results)["torch"]
+        rows += 16
         assert torch.equal(results["torch"]["history"], results["kernel"]["history"])
+    # the same Philox draw over the same kept weights; exp's last bit may differ between implementations
+    assert same >= 0.995 * rows, (same, rows)
 
 
 def test_out_of_range_values_mean_off_in_every_sampler():
