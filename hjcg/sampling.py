@@ -53,6 +53,7 @@ class FloatSpec:
     low_open: bool       # (low, high] instead of [low, high]
     off: float
     wire_zero_is_unset: bool
+    off_means: str = "off"
 
     def check(self, value: float) -> float:
         value = float(value)
@@ -62,12 +63,12 @@ class FloatSpec:
         if not (above_low and value <= self.high):
             bracket = "(" if self.low_open else "["
             raise ValueError(f"{self.name} must be in {bracket}{self.low:g}, {self.high:g}] "
-                             f"({self.off:g}: off), got {value:g}")
+                             f"({self.off:g}: {self.off_means}), got {value:g}")
         return value
 
 
 FLOAT_SPECS = {s.name: s for s in (
-    FloatSpec("temperature", 0.0, 100.0, False, 0.0, False),
+    FloatSpec("temperature", 0.0, 100.0, False, 0.0, False, "greedy"),
     FloatSpec("top_p", 0.0, 1.0, True, 1.0, True),
     FloatSpec("min_p", 0.0, 1.0, False, 0.0, False),
     FloatSpec("repetition_penalty", 0.0, 100.0, True, 1.0, True),

@@ -179,3 +179,24 @@ def test_the_graphs_mode_sampler_follows_the_requests_seed():
         torch.rand(3)
         runs.append([int(step(x, state)) for x in logits])
     assert runs[0] == runs[1] == runs[2]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"), (dict(top_p=-0.5), "top_p"),
+    (dict(repetition_penalty=0.0), r"repetition_penalty must be in \(0, 100\]"),
+    (dict(repetition_penalty=-1.0), "repetition_penalty"), (dict(min_p=-0.1), "min_p"),
+    (dict(top_p=float("nan")), "finite"), (dict(temperature=float("inf")), "finite"),
+    (dict(top_k=1.5), "integer"), (dict(top_k=True), "integer"), (dict(seed=2**64), "seed"),
+])
+def test_sampling_params_outside_their_range_are_rejected(kwargs, message):
+    # through the Python API 0 is a value, not "unset": top_p = 0 and repetition_penalty = 0 are out of range
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_are_stored_in_canonical_form():
+    assert SamplingParams(temperature=5e-6).temperature == 0.0 and SamplingParams(temperature=5e-6).greedy
+    assert SamplingParams(temperature=1e-5).temperature == 1e-5
+    assert SamplingParams(top_k=2**40).top_k == 0 and SamplingParams(top_k=2**31 - 1).top_k == 2**31 - 1
+    assert SamplingParams.from_wire(top_p=0.0, repetition_penalty=0.0) == SamplingParams()
+    assert SamplingParams.from_wire(temperature=0.5, top_p=0.5) == SamplingParams(temperature=0.5, top_p=0.5)
