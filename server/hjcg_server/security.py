@@ -3,21 +3,21 @@ from __future__ import annotations
 
 import hmac
 from pathlib import Path
+from typing import Callable
 
 import grpc
 
 _OPEN_SERVICES = ("/grpc.health.v1.Health/",)
+_DENIED = "a valid 'authorization: Bearer <token>' is required"
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
-    def __init__(self, token: str):
+    """Lets through RPCs that carry the token; answers the rest UNAUTHENTICATED and reports each one to
+    on_deny(full method name, status code, message), so that refused requests are logged like the others."""
+
+    def __init__(self, token: str, on_deny: Callable[[str, grpc.StatusCode, str], None] | None = None):
         self._expected = f"Bearer {token}".encode()
-
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid 'authorization: Bearer <token>' is required")
-
-        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+        self._on_deny = on_deny
 
     def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(_OPEN_SERVICES):
@@ -27,9 +27,16 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         if hmac.compare_digest(given, self._expected):
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
+        method = handler_call_details.method  # e.g. "/hjcg.v1.Hjcg/Generate"
+
+        def deny(request, context):
+            if self._on_deny is not None:
+                self._on_deny(method, grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+
         if handler is not None and handler.response_streaming:
-            return self._deny_stream
-        return self._deny_unary
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
 
 
 def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.ServerCredentials:

@@ -33,6 +33,7 @@ class Job:
     started: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     events: "queue.Queue[Any]" = field(default_factory=queue.Queue)
+    rpc: Any = None  # the servicer's record of the RPC that submitted this job
 
     @property
     def queue_ms(self) -> float:
@@ -78,10 +79,15 @@ class EngineWorker:
             self._waiting += 1
         self._queue.put(item)
 
-    def drain(self, grace_s: float) -> bool:
-        """Stops new work and waits for queued and running work; returns True when all of it finished."""
+    def stop_accepting(self) -> int:
+        """Refuses new work from now on; returns how many items are queued or running."""
         with self._lock:
             self._draining = True
+            return self._waiting + self._running
+
+    def drain(self, grace_s: float) -> bool:
+        """Stops new work and waits for queued and running work; returns True when all of it finished."""
+        self.stop_accepting()
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
             if self._waiting == 0 and self._running == 0:
