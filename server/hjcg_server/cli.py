@@ -7,38 +7,78 @@ import os
 import sys
 
 from hjcg.config import DEFAULT_GRAPH_CACHE_ENTRIES, DEFAULT_PREFILL_BUCKETS, MODES, EngineConfig
-from hjcg_server.app import ServerOptions, serve
+from hjcg_server.app import ServerOptions, default_threads, parse_listen_address, serve
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _listen_address(text: str) -> str:
+    try:
+        parse_listen_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hjcg", description="hjcg: low-latency LLM inference over gRPC")
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="load a model and serve the hjcg.v1 gRPC API")
+    s = sub.add_parser("serve", help="load a model and serve the hjcg.v1 gRPC API",
+                       description="Load a model and serve the hjcg.v1 gRPC API.")
     s.add_argument("--model", default="smollm2",
-                   help="'smollm2' (the embedded SmolLM2-135M-Instruct) or a local Hugging Face checkpoint directory")
-    s.add_argument("--listen", action="append", metavar="ADDRESS",
-                   help="host:port or unix:/path; repeat for several (default 127.0.0.1:50051)")
-    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    s.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
-    s.add_argument("--mode", default="auto", choices=("auto",) + MODES, help="engine mode (auto: hybrid on CUDA)")
-    s.add_argument("--max-context", type=int, default=4096, help="KV-cache length in tokens")
-    s.add_argument("--max-prompt-tokens", type=int, default=3072)
-    s.add_argument("--max-new-tokens", type=int, default=1024)
-    s.add_argument("--default-max-new-tokens", type=int, default=256)
-    s.add_argument("--queue-size", type=int, default=64, help="requests that may wait; more get RESOURCE_EXHAUSTED")
-    s.add_argument("--graph-budget-mib", type=int, default=1024, help="GPU memory for cached prefill graphs")
+                   help="'smollm2' (the embedded SmolLM2-135M-Instruct), a local Hugging Face checkpoint "
+                   "directory, or 'random:<shape>' (random weights at the shape of llama2-7b or smollm2-135m, "
+                   "for benchmarks) (default: %(default)s)")
+    s.add_argument("--listen", action="append", metavar="ADDRESS", type=_listen_address,
+                   help="host:port, [ipv6]:port or unix:/path to listen on; port 0 takes any free port; repeat "
+                   f"for several (default: {DEFAULT_LISTEN})")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    s.add_argument("--dtype", default="auto",
+                   help="auto (float32 on the CPU, float16 on CUDA), float32, float16 or bfloat16 "
+                   "(default: %(default)s)")
+    s.add_argument("--mode", default="auto", choices=("auto",) + MODES,
+                   help="engine mode; auto: eager on the CPU, hybrid on CUDA (default: %(default)s)")
+    s.add_argument("--threads", type=_at_least_one, metavar="N",
+                   help="torch CPU threads (default: the CPUs this process may use, "
+                   f"{default_threads()} here)")
+    s.add_argument("--max-context", type=int, default=4096, help="KV-cache length in tokens (default: %(default)s)")
+    s.add_argument("--max-prompt-tokens", type=int, default=3072,
+                   help="longest prompt accepted, in tokens (default: %(default)s)")
+    s.add_argument("--max-new-tokens", type=int, default=1024,
+                   help="most tokens a request may ask to generate (default: %(default)s)")
+    s.add_argument("--default-max-new-tokens", type=int, default=256,
+                   help="tokens generated when a request does not say (default: %(default)s)")
+    s.add_argument("--queue-size", type=int, default=64,
+                   help="requests that may wait; more get RESOURCE_EXHAUSTED (default: %(default)s)")
+    s.add_argument("--graph-budget-mib", type=int, default=1024,
+                   help="GPU memory for cached prefill graphs (default: %(default)s)")
     s.add_argument("--graph-max-entries", type=int, default=DEFAULT_GRAPH_CACHE_ENTRIES,
                    help=f"graphs the cache may hold (the default set: {len(DEFAULT_PREFILL_BUCKETS)} prefill buckets "
-                   "and the decode graph)")
+                   "and the decode graph) (default: %(default)s)")
     s.add_argument("--warm", action="store_true", help="capture the default CUDA graphs before serving")
-    s.add_argument("--grace", type=float, default=30.0, help="seconds running requests get to finish on SIGTERM")
+    s.add_argument("--grace", type=float, default=30.0,
+                   help="seconds running requests get to finish on SIGTERM (default: %(default)s)")
     s.add_argument("--auth-token-file", help="file holding the bearer token every RPC must present "
-                   "(or set HJCG_AUTH_TOKEN)")
-    s.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key, serve TLS")
-    s.add_argument("--tls-key", help="PEM private key")
-    s.add_argument("--tls-client-ca", help="PEM CA bundle; clients must then present a certificate it signed")
-    s.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (127.0.0.1)")
-    s.add_argument("--log-level", default="INFO")
+                   "(or set HJCG_AUTH_TOKEN) (default: none, no authentication)")
+    s.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key, serve TLS (default: none, plaintext)")
+    s.add_argument("--tls-key", help="PEM private key (default: none)")
+    s.add_argument("--tls-client-ca",
+                   help="PEM CA bundle; clients must then present a certificate it signed (default: none)")
+    s.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics on this port of 127.0.0.1 (default: none, no metrics endpoint)")
+    s.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                   help="least severe log messages shown (default: %(default)s)")
     return parser
 
 
@@ -53,7 +93,7 @@ def _auth_token(path: str | None) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if bool(args.tls_cert) != bool(args.tls_key):
         print("hjcg: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
@@ -64,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             default_max_new_tokens=args.default_max_new_tokens,
             graph_cache_max_entries=args.graph_max_entries, graph_cache_max_bytes=args.graph_budget_mib << 20)
         options = ServerOptions(
-            engine=engine, listen=args.listen or ["127.0.0.1:50051"], queue_size=args.queue_size,
+            engine=engine, listen=args.listen or [DEFAULT_LISTEN], queue_size=args.queue_size,
             grace_s=args.grace, warm=args.warm, auth_token=_auth_token(args.auth_token_file),
             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-            metrics_port=args.metrics_port)
+            metrics_port=args.metrics_port, threads=args.threads)
         if options.queue_size < 1:
             raise ValueError("--queue-size must be >= 1")
         return serve(options)
