@@ -101,14 +101,15 @@ template <typename T> struct alignas(2 * sizeof(T)) Two { T a, b; };
 template <typename T, int kPerThread>
 __global__ void __launch_bounds__(kRopeThreads) rope_cache_kernel(
     const T* __restrict__ qkv, const T* __restrict__ cos, const T* __restrict__ sin,
-    const int64_t* __restrict__ positions, int heads, int kv_heads, int head_dim, T* __restrict__ q_out,
-    T* __restrict__ k_cache, T* __restrict__ v_cache, const T* __restrict__ norm_x, int64_t hidden, float eps) {
+    const int64_t* __restrict__ positions, const int64_t* __restrict__ slots, int heads, int kv_heads, int head_dim,
+    T* __restrict__ q_out, T* __restrict__ k_out, T* __restrict__ v_out, T* __restrict__ k_cache,
+    T* __restrict__ v_cache, const T* __restrict__ norm_x, int64_t hidden, float eps) {
   __shared__ float shared[32];
   const int token = blockIdx.x, half = head_dim / 2, quads_per_head = head_dim / 4;
   // the deferred RMSNorm of the layer input (nullptr: qkv is already normalised)
   const float scale = norm_x != nullptr ? row_inv_rms(norm_x + token * hidden, hidden, eps, shared) : 1.f;
   const int quads = (heads + 2 * kv_heads) * quads_per_head;
-  const int64_t pos = positions[token];
+  const int64_t pos = positions[token], slot = slots[token];
   const T* src_row = qkv + static_cast<int64_t>(token) * (heads + 2 * kv_heads) * head_dim;
   const T* c = cos + pos * head_dim;
   const T* s = sin + pos * head_dim;
@@ -121,9 +122,12 @@ __global__ void __launch_bounds__(kRopeThreads) rope_cache_kernel(
     const Two<T> lo_in = *reinterpret_cast<const Two<T>*>(src + i);
     const Two<T> hi_in = *reinterpret_cast<const Two<T>*>(src + i + half);
     T* dst;
+    T* copy = nullptr;  // k and v also go to the step's own [S, Hkv, D] outputs
     Two<T> lo_out, hi_out;
     if (head >= heads + kv_heads) {  // v: no rotation (scaling by 1 leaves fp16/bf16 values exact)
-      dst = v_cache + (pos * kv_heads + (head - heads - kv_heads)) * head_dim;
+      const int64_t offset = (head - heads - kv_heads) * head_dim;
+      dst = v_cache + slot * kv_heads * head_dim + offset;
+      copy = v_out + static_cast<int64_t>(token) * kv_heads * head_dim + offset;
       lo_out = {from_float<T>(to_float(lo_in.a) * scale), from_float<T>(to_float(lo_in.b) * scale)};
       hi_out = {from_float<T>(to_float(hi_in.a) * scale), from_float<T>(to_float(hi_in.b) * scale)};
     } else {
@@ -136,11 +140,20 @@ __global__ void __launch_bounds__(kRopeThreads) rope_cache_kernel(
       };
       rotate(lo_in.a, hi_in.a, c_lo.a, s_lo.a, c_hi.a, s_hi.a, lo_out.a, hi_out.a);
       rotate(lo_in.b, hi_in.b, c_lo.b, s_lo.b, c_hi.b, s_hi.b, lo_out.b, hi_out.b);
-      dst = head < heads ? q_out + (static_cast<int64_t>(token) * heads + head) * head_dim
-                         : k_cache + (pos * kv_heads + (head - heads)) * head_dim;
+      if (head < heads) {
+        dst = q_out + (static_cast<int64_t>(token) * heads + head) * head_dim;
+      } else {
+        const int64_t offset = (head - heads) * head_dim;
+        dst = k_cache + slot * kv_heads * head_dim + offset;
+        copy = k_out + static_cast<int64_t>(token) * kv_heads * head_dim + offset;
+      }
     }
     *reinterpret_cast<Two<T>*>(dst + i) = lo_out;
     *reinterpret_cast<Two<T>*>(dst + i + half) = hi_out;
+    if (copy != nullptr) {
+      *reinterpret_cast<Two<T>*>(copy + i) = lo_out;
+      *reinterpret_cast<Two<T>*>(copy + i + half) = hi_out;
+    }
   }
 }
 
@@ -224,16 +237,21 @@ void rms_norm_cuda(const torch::Tensor& x, const torch::Tensor& weight, double e
 }
 
 void rope_cache_cuda(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
-                     const torch::Tensor& positions, int64_t heads, int64_t kv_heads, const torch::Tensor& q_out,
+                     const torch::Tensor& positions, const torch::Tensor& slots, int64_t heads, int64_t kv_heads,
+                     const torch::Tensor& q_out, const torch::Tensor& k_out, const torch::Tensor& v_out,
                      const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                      const c10::optional<torch::Tensor>& norm_x, double eps) {
-  for (const auto* t : {&qkv, &cos, &sin, &positions, &q_out, &k_cache, &v_cache}) check_cuda_contiguous(*t, "rope_cache input");
+  for (const auto* t : {&qkv, &cos, &sin, &positions, &slots, &q_out, &k_out, &v_out, &k_cache, &v_cache})
+    check_cuda_contiguous(*t, "rope_cache input");
   const int64_t tokens = qkv.size(0), head_dim = cos.size(1);
   TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * head_dim, "qkv width must be (Hq + 2 Hkv) * D");
   TORCH_CHECK(q_out.numel() == tokens * heads * head_dim, "q_out must hold [S, Hq, D]");
   TORCH_CHECK(k_cache.dim() == 3 && k_cache.size(1) == kv_heads && k_cache.size(2) == head_dim &&
                   v_cache.sizes() == k_cache.sizes(), "caches must be [T, Hkv, D]");
   TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.numel() == tokens, "positions: int64 [S]");
+  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.numel() == tokens, "slots: int64 [S]");
+  TORCH_CHECK(k_out.numel() == tokens * kv_heads * head_dim && v_out.sizes() == k_out.sizes(),
+              "k_out and v_out must hold [S, Hkv, D]");
   TORCH_CHECK(head_dim % 4 == 0, "rope_cache: head_dim must be a multiple of 4");
   check_norm_input(norm_x, tokens, qkv.scalar_type());
   const c10::cuda::CUDAGuard guard(qkv.device());
@@ -244,8 +262,9 @@ void rope_cache_cuda(const torch::Tensor& qkv, const torch::Tensor& cos, const t
       constexpr int kPerThread = decltype(per_thread)::value;
       const dim3 grid(tokens, (quads + kRopeThreads * kPerThread - 1) / (kRopeThreads * kPerThread));
       rope_cache_kernel<T, kPerThread><<<grid, kRopeThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          ptr<T>(qkv), ptr<T>(cos), ptr<T>(sin), positions.data_ptr<int64_t>(), heads, kv_heads, head_dim,
-          ptr<T>(q_out), ptr<T>(k_cache), ptr<T>(v_cache), norm_x ? ptr<T>(*norm_x) : nullptr,
+          ptr<T>(qkv), ptr<T>(cos), ptr<T>(sin), positions.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), heads,
+          kv_heads, head_dim, ptr<T>(q_out), ptr<T>(k_out), ptr<T>(v_out), ptr<T>(k_cache), ptr<T>(v_cache),
+          norm_x ? ptr<T>(*norm_x) : nullptr,
           norm_x ? norm_x->size(1) : 0, static_cast<float>(eps));
     };
     if (tokens >= 64) launch(std::integral_constant<int, 4>{});

@@ -35,16 +35,20 @@ void sample_cuda(const torch::Tensor& logits, const torch::Tensor& history, cons
                  const torch::Tensor& offset, const torch::Tensor& out, bool append_to_history);
 void pad_prompt_cuda(const torch::Tensor& prompt, int64_t start_pos, int64_t pad_id, const torch::Tensor& input_ids,
                      const torch::Tensor& positions, const torch::Tensor& last_index, const torch::Tensor& seq_len);
-// q [Hq, D]; k_cache, v_cache [T_max, Hkv, D]; seq_len [1] int32/int64 on the device; out [Hq, D].
-void decode_attention_cuda(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                           const torch::Tensor& seq_len, double scale, const torch::Tensor& out,
-                           const torch::Tensor& workspace);
+// Paged decode attention, one query token per row: q [B, Hq, D]; k_pool, v_pool [slots, Hkv, D] (slot =
+// block * block_size + offset); block_tables [B, W] int32 and seq_lens [B] int64 on the device; row b
+// attends to positions [0, seq_lens[b]) of its stream; out [B, Hq, D]; workspace [B * Hq, splits, D + 2].
+void decode_attention_cuda(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
+                           const torch::Tensor& block_tables, const torch::Tensor& seq_lens, int64_t block_size,
+                           double scale, const torch::Tensor& out, const torch::Tensor& workspace);
 void rms_norm_cuda(const torch::Tensor& x, const torch::Tensor& weight, double eps, const torch::Tensor& out);
-// qkv [S, (Hq + 2 Hkv) D]; cos, sin [T, D]; positions [S] int64; q_out [S, Hq, D]; caches [T, Hkv, D].
+// qkv [S, (Hq + 2 Hkv) D]; cos, sin [T, D]; positions, slots [S] int64; q_out [S, Hq, D]; k_out, v_out
+// [S, Hkv, D] (the step's own K/V, for a prompt's attention); caches [slots, Hkv, D], row slots[s] written.
 // norm_x [S, H] (optional): the RMSNorm deferred past the GEMM, each row of qkv (or gate_up) scaled by
 // 1 / rms(norm_x row) first (the norm's weight folded into the matrix).
 void rope_cache_cuda(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
-                     const torch::Tensor& positions, int64_t heads, int64_t kv_heads, const torch::Tensor& q_out,
+                     const torch::Tensor& positions, const torch::Tensor& slots, int64_t heads, int64_t kv_heads,
+                     const torch::Tensor& q_out, const torch::Tensor& k_out, const torch::Tensor& v_out,
                      const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                      const c10::optional<torch::Tensor>& norm_x, double eps);
 void silu_mul_cuda(const torch::Tensor& gate_up, const torch::Tensor& out, const c10::optional<torch::Tensor>& norm_x,

@@ -34,6 +34,11 @@ class EngineConfig:
     prefill_buckets: tuple[int, ...] = DEFAULT_PREFILL_BUCKETS
     graph_cache_max_entries: int = DEFAULT_GRAPH_CACHE_ENTRIES
     graph_cache_max_bytes: int = 1 << 30
+    max_batch: int = 32               # streams decoded together at most (decode graphs per batch bucket up to it)
+    max_waiting: int = 64             # requests that may wait for a row; more are refused (QueueFull)
+    kv_block_size: int = 16           # tokens per KV-cache block
+    kv_cache_gib: float = 0.0         # KV pool size; 0: kv_cache_fraction of free GPU memory (CUDA), 1 GiB (CPU)
+    kv_cache_fraction: float = 0.5    # of the GPU memory free after loading the weights, when kv_cache_gib is 0
     cache_dir: str | None = None      # where converted GGUF weights are kept; None: ~/.cache/hjcg
     extra: dict = field(default_factory=dict)
 
@@ -61,6 +66,11 @@ class EngineConfig:
         if self.max_prompt_tokens >= self.max_context:
             raise ValueError("max_prompt_tokens must be smaller than max_context")
         self.default_max_new_tokens = min(self.default_max_new_tokens, self.max_new_tokens)
+        for name in ("max_batch", "max_waiting", "kv_block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.kv_cache_gib < 0 or not 0 < self.kv_cache_fraction <= 0.95:
+            raise ValueError("kv_cache_gib must be >= 0 and kv_cache_fraction in (0, 0.95]")
         buckets = tuple(sorted(set(int(b) for b in self.prefill_buckets)))
         if not buckets or buckets[0] < 1:
             raise ValueError("prefill_buckets must be positive lengths")
@@ -73,6 +83,7 @@ class EngineConfig:
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
+
 
 def fit_to_model(config: EngineConfig, max_positions: int | None) -> EngineConfig:
     """`config` with max_context capped at the model's own limit (max_position_embeddings of its HF config)

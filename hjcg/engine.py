@@ -1,24 +1,32 @@
-"""The engine: turns a validated request into a stream of tokens and a finish, through a step runner.
+"""The engine: admits requests, runs the scheduler's steps, streams each request's tokens to its sink.
 
-One engine owns one model on one device and is driven by one thread at a time (the server's worker).
+One engine owns one model on one device. Any thread may submit() a request (or cancel its Sequence);
+one thread at a time drives step(): the server's engine thread, or generate() for in-process use.
+
+A step: arrivals join the waiting queue; waiting streams whose client left are dropped; streams that
+fit join the batch, each prefilled and its first token streamed at once; one decode step is queued for
+every running stream; the tokens of the step before it are read back and streamed (on the GPU one step
+runs ahead while the host streams the last one's tokens); finished streams leave the batch.
 """
 from __future__ import annotations
 
 import gc
+import threading
 import time
-from dataclasses import dataclass, field
+from collections import deque
 from typing import Callable, Iterator
 
 import torch
 
 from hjcg import __version__, model_source
+from hjcg.block_manager import BlockManager
 from hjcg.config import EngineConfig, fit_to_model
 from hjcg.llama import FastLlama
-from hjcg.runners import CompiledRunner, EagerRunner
-from hjcg.sampling import SamplingParams
-from hjcg.text import IncrementalDetokenizer, StopStringFilter
-
-FINISH_LENGTH, FINISH_STOP, FINISH_EOS, FINISH_CANCELLED = "length", "stop", "eos", "cancelled"
+from hjcg.model_runner import EagerRunner
+from hjcg.requests import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Finish,  # noqa: F401
+                           GenerationRequest, RequestError, TokenOutput)
+from hjcg.scheduler import QueueFull, Scheduler
+from hjcg.sequence import Sequence, Sink
 
 
 def freeze_heap() -> None:
@@ -27,37 +35,6 @@ def freeze_heap() -> None:
     is loaded, before serving. Objects stay freed by reference counting as usual."""
     gc.collect()
     gc.freeze()
-
-
-class RequestError(ValueError):
-    """The request itself is wrong; the message says what to fix."""
-
-
-@dataclass(slots=True)
-class GenerationRequest:
-    prompt_ids: list[int]
-    max_new_tokens: int
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-
-
-@dataclass(slots=True)
-class TokenOutput:
-    id: int
-    text: str
-    index: int
-
-
-@dataclass(slots=True)
-class Finish:
-    reason: str
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_ms: float
-    total_ms: float
 
 
 class Engine:
@@ -81,7 +58,17 @@ class Engine:
         positions = config.max_context + max(config.prefill_buckets)
         self.model = FastLlama(hf_model, config.torch_device, config.torch_dtype, positions)
         del hf_model, loaded
-        self.runner = self._make_runner()
+        self.cache = self.model.new_cache(self._kv_blocks(), config.kv_block_size)
+        self.blocks = BlockManager(self.cache.num_blocks, config.kv_block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_batch, config.max_waiting)
+        self.runner = self._make_runner(positions)
+        # one decode step may run ahead on the GPU while the host streams the last one's tokens
+        self._lookahead = 1 if config.torch_device.type == "cuda" else 0
+        self._inbox: deque[Sequence] = deque()
+        self._queued = 0  # in the inbox or waiting: what the queue bound counts
+        self._lock = threading.Lock()
+        self._work = threading.Event()
+        self._pending: deque[tuple[int, list[Sequence]]] = deque()  # decode steps queued, not yet read
         self.started = time.monotonic()
 
     @staticmethod
@@ -94,16 +81,38 @@ class Engine:
                 ids.update(int(i) for i in source)
         return ids
 
-    def _make_runner(self):
+    def _kv_blocks(self) -> int:
+        """Blocks in the KV pool: what --kv-cache-gib (or the fraction of free GPU memory) buys, no more
+        than every row at full context can use, and no fewer than one full-context stream needs."""
+        c = self.config
+        per_block = self.model.kv_bytes_per_block(c.kv_block_size)
+        blocks_per_stream = -(-(c.max_context + 1) // c.kv_block_size)
+        useful = c.max_batch * blocks_per_stream + 1
+        if c.kv_cache_gib > 0:
+            budget = int(c.kv_cache_gib * 2**30)
+        elif c.torch_device.type == "cuda":
+            budget = int(c.kv_cache_fraction * torch.cuda.mem_get_info(c.torch_device)[0])
+        else:
+            budget = 1 << 30
+        blocks = min(useful, budget // per_block)
+        if blocks - 1 < blocks_per_stream:
+            raise ValueError(f"the KV cache ({budget / 2**30:.2f} GiB, {per_block} bytes per block of "
+                             f"{c.kv_block_size} tokens) cannot hold one stream of max_context "
+                             f"{c.max_context} tokens; give it more memory (--kv-cache-gib) or lower --max-context")
+        return blocks
+
+    def _make_runner(self, positions: int):
         c = self.config
         chunk = max(c.prefill_buckets)
         if c.mode == "eager":
-            return EagerRunner(self.model, c.max_context, chunk)
+            return EagerRunner(self.model, self.cache, c.max_batch, positions, chunk)
         if c.mode == "compiled":
-            return CompiledRunner(self.model, c.max_context, chunk)
+            from hjcg.model_runner import CompiledRunner
+
+            return CompiledRunner(self.model, self.cache, c.max_batch, positions, chunk)
         from hjcg.cuda_graphs import GraphRunner  # CUDA only
 
-        return GraphRunner(self.model, c)
+        return GraphRunner(self.model, self.cache, c, self.scheduler.buckets)
 
     # --- requests ---------------------------------------------------------------------------------------
 
@@ -134,45 +143,139 @@ class Engine:
         if bad:
             raise RequestError(f"stop token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
 
+    def submit(self, request: GenerationRequest, sink: Sink) -> Sequence:
+        """Queues a request (any thread). Its TokenOutputs and then one Finish go to `sink`, called on the
+        engine thread; cancel it with the returned Sequence's cancel(). Raises RequestError for a bad
+        request and QueueFull when the queue is full."""
+        self.validate(request)
+        seq = Sequence(request, sink, self.tokenizer, self.eos_ids, self.config.max_context)
+        if not self.blocks.fits_ever(seq.total_tokens):
+            raise RequestError(f"the request needs KV room for {seq.total_tokens} tokens; the KV cache holds "
+                               f"{self.blocks.capacity_blocks * self.blocks.block_size}")
+        with self._lock:
+            if self._queued >= self.config.max_waiting:
+                raise QueueFull(f"the request queue is full ({self.config.max_waiting} waiting); retry later")
+            self._queued += 1
+            self._inbox.append(seq)
+        self._work.set()
+        return seq
+
+    def has_work(self) -> bool:
+        return bool(self._inbox or self.scheduler.waiting or self.scheduler.running or self._pending)
+
+    def wait_for_work(self, timeout: float) -> bool:
+        """Blocks the engine thread until a request arrives (or `timeout` s pass)."""
+        if self.has_work():
+            return True
+        self._work.clear()
+        if self.has_work():  # arrived between the check and the clear
+            return True
+        return self._work.wait(timeout)
+
+    def wake(self) -> None:
+        """Wakes an engine thread blocked in wait_for_work (e.g. to stop it)."""
+        self._work.set()
+
+    # --- the step -----------------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One scheduler iteration (engine thread only); see the module docstring."""
+        self._take_arrivals()
+        dropped = self.scheduler.drop_cancelled_waiting()
+        admitted = self.scheduler.admit()
+        self._dequeued(len(dropped) + len(admitted))
+        for seq in dropped:
+            seq.finish(FINISH_CANCELLED)
+        for seq in admitted:
+            self._prefill(seq)
+        self._retire()
+        launched = self._launch()
+        while self._pending and (len(self._pending) > self._lookahead or not launched):
+            self._collect()
+        self._retire()
+
+    def _take_arrivals(self) -> None:
+        while self._inbox:
+            self.scheduler.waiting.append(self._inbox.popleft())
+
+    def _dequeued(self, n: int) -> None:
+        if n:
+            with self._lock:
+                self._queued -= n
+
+    def _prefill(self, seq: Sequence) -> None:
+        self.blocks.grow(seq.table, seq.prompt_len)
+        self.runner.prefill(seq.row, seq.request.prompt_ids, seq.table.blocks, seq.request.sampling)
+        seq.launched = seq.prompt_len
+        seq.push(self.runner.first_token(seq.row))
+
+    def _launch(self) -> bool:
+        """Queues one decode step for every running stream; returns whether it did."""
+        running = self.scheduler.running
+        if not running:
+            return False
+        updates = []
+        longest = 0
+        for seq in running:
+            position = seq.launched  # the position whose K/V this step writes
+            grown = self.blocks.grow(seq.table, min(position + 1, seq.total_tokens))
+            updates.extend((seq.row, index, block) for index, block in grown)
+            seq.launched += 1
+            longest = max(longest, position + 1)
+        self.runner.set_blocks(updates)
+        n = len(running)
+        handle = self.runner.launch_decode(n, self.scheduler.bucket(n), longest)
+        self._pending.append((handle, list(running)))
+        return True
+
+    def _collect(self) -> None:
+        handle, rows = self._pending.popleft()
+        for seq, token in zip(rows, self.runner.read_tokens(handle, len(rows))):
+            seq.push(token)  # a stream that finished meanwhile ignores its extra token
+
+    def _retire(self) -> None:
+        before = len(self.scheduler.running)
+        order = self.scheduler.retire_finished()
+        if order is not None:
+            self.runner.compact(order, before)
+
+    def cancel_all(self) -> None:
+        """Cancels every stream, queued or running (any thread); the next steps finish them."""
+        with self._lock:
+            streams = list(self._inbox) + list(self.scheduler.waiting) + list(self.scheduler.running)
+        for seq in streams:
+            seq.cancel()
+        self._work.set()
+
     def generate(self, request: GenerationRequest, cancelled: Callable[[], bool] = lambda: False
                  ) -> Iterator[TokenOutput | Finish]:
-        """Streams TokenOutputs, then one Finish. `cancelled` is polled once per token."""
-        self.validate(request)
-        start = time.perf_counter()
-        ttft_ms = 0.0
-        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
-        stops = StopStringFilter(request.stop)
-        stop_ids = set(request.stop_token_ids)
-        eos_ids = set() if request.ignore_eos else self.eos_ids
-        prompt = torch.tensor(request.prompt_ids, dtype=torch.int64)
-        budget = min(request.max_new_tokens, self.config.max_context - len(request.prompt_ids))
-        count, reason, tail = 0, FINISH_LENGTH, ""
-        steps = self.runner.generate(prompt, request.sampling)
+        """Streams TokenOutputs, then one Finish, driving the engine on the caller's thread (in-process
+        use, when no engine thread runs). `cancelled` is polled once per step."""
+        events: deque[TokenOutput | Finish] = deque()
+        seq = self.submit(request, events.append)
         try:
-            for token in steps:
-                if count == 0:
-                    ttft_ms = (time.perf_counter() - start) * 1e3
+            while True:
                 if cancelled():
-                    reason = FINISH_CANCELLED
-                    break
-                count += 1
-                if token in eos_ids or token in stop_ids:
-                    reason = FINISH_EOS if token in eos_ids else FINISH_STOP
-                    break
-                text, stopped = stops.push(detok.push(token))
-                yield TokenOutput(id=token, text=text, index=count - 1)
-                if stopped:
-                    reason = FINISH_STOP
-                    break
-                if count >= budget:
-                    break
+                    seq.cancel()
+                self.step()
+                while events:
+                    event = events.popleft()
+                    yield event
+                    if isinstance(event, Finish):
+                        return
         finally:
-            steps.close()  # stops the runner's chain of steps
-        if reason in (FINISH_LENGTH, FINISH_CANCELLED):
-            tail, _ = stops.push(detok.flush())
-            tail += stops.flush()
-        yield Finish(reason=reason, text=tail, prompt_tokens=len(request.prompt_ids), completion_tokens=count,
-                     ttft_ms=ttft_ms, total_ms=(time.perf_counter() - start) * 1e3)
+            if not seq.finished:  # the caller stopped reading: end the stream and let it leave the batch
+                seq.cancel()
+                while not seq.finished or self.has_work():
+                    self.step()
+
+    def stats(self) -> dict:
+        """Running streams, the batch bucket they run in, waiting streams and KV-cache use."""
+        running = len(self.scheduler.running)
+        return {"running": running, "waiting": self._queued,
+                "batch_bucket": self.scheduler.bucket(running) if running else 0,
+                "kv_blocks_used": self.blocks.used_blocks, "kv_blocks_total": self.blocks.capacity_blocks,
+                "kv_block_size": self.blocks.block_size}
 
     # --- status and graphs --------------------------------------------------------------------------------
 
@@ -191,16 +294,15 @@ class Engine:
         return "cpu"
 
     def graph_stats(self) -> dict:
-        stats = getattr(self.runner, "graph_stats", None)
-        return stats() if stats else {}
+        return self.runner.graph_stats()
 
     def warm(self, prompt_lengths: list[int]) -> dict:
         """Captures graphs for the given prompt lengths (empty: the default set); see WarmGraphs."""
-        warm = getattr(self.runner, "warm", None)
-        if warm is None:
+        report = self.runner.warm(prompt_lengths)
+        if report is None:
             return {"available": False, "graphs": [], "total_ms": 0.0, "graph_bytes": 0,
                     "message": f"CUDA graphs are not available on this device ({self.device_name()}, mode "
                                f"{self.config.mode}); nothing to warm"}
-        return warm(prompt_lengths)
+        return report
 
     version = __version__

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from hjcg.kv_cache import KVCache
-from hjcg.llama import FastLlama, LayerOps
+from hjcg.kv_cache import PagedKVCache
+from hjcg.llama import Attention, FastLlama, LayerOps
 from hjcg.native import _C
 
 
@@ -23,10 +23,11 @@ class FusedCudaOps(LayerOps):
         return model.shape.head_dim % 4 == 0  # the kernel moves pairs of neighbours from each half of a head
 
     def attention_input(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qkv_weight: torch.Tensor,
-                        positions: torch.Tensor, model: FastLlama, cache: KVCache, layer: int) -> torch.Tensor:
+                        positions: torch.Tensor, slots: torch.Tensor, model: FastLlama, cache: PagedKVCache,
+                        layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self._norm_deferrable(x, qkv_weight) or not self._rope_supported(model):
-            return super().attention_input(x, norm_weight, eps, qkv_weight, positions, model, cache, layer)
-        return self._rope_cache(x @ qkv_weight.t(), positions, model, cache, layer, x, eps)
+            return super().attention_input(x, norm_weight, eps, qkv_weight, positions, slots, model, cache, layer)
+        return self._rope_cache(x @ qkv_weight.t(), positions, slots, model, cache, layer, x, eps)
 
     def mlp(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up_weight: torch.Tensor,
             down_weight: torch.Tensor) -> torch.Tensor:
@@ -51,20 +52,24 @@ class FusedCudaOps(LayerOps):
             return out
         return self.rms_norm(x, norm_weight, eps) @ weight.t()
 
-    def rope_and_cache(self, qkv: torch.Tensor, positions: torch.Tensor, model: FastLlama, cache: KVCache,
-                       layer: int) -> torch.Tensor:
+    def rope_and_cache(self, qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, model: FastLlama,
+                       cache: PagedKVCache, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self._rope_supported(model):
-            return super().rope_and_cache(qkv, positions, model, cache, layer)
-        return self._rope_cache(qkv, positions, model, cache, layer, None, 0.0)
+            return super().rope_and_cache(qkv, positions, slots, model, cache, layer)
+        return self._rope_cache(qkv, positions, slots, model, cache, layer, None, 0.0)
 
     @staticmethod
-    def _rope_cache(qkv: torch.Tensor, positions: torch.Tensor, model: FastLlama, cache: KVCache, layer: int,
-                    norm_x: torch.Tensor | None, eps: float) -> torch.Tensor:
+    def _rope_cache(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, model: FastLlama,
+                    cache: PagedKVCache, layer: int, norm_x: torch.Tensor | None,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = model.shape
-        q = torch.empty(qkv.shape[0], s.num_heads, s.head_dim, device=qkv.device, dtype=qkv.dtype)
-        _C.rope_cache(qkv, model.cos, model.sin, positions, s.num_heads, s.num_kv_heads, q, cache.k[layer],
-                      cache.v[layer], norm_x, eps)
-        return q
+        n = qkv.shape[0]
+        q = torch.empty(n, s.num_heads, s.head_dim, device=qkv.device, dtype=qkv.dtype)
+        k = torch.empty(n, s.num_kv_heads, s.head_dim, device=qkv.device, dtype=qkv.dtype)
+        v = torch.empty_like(k)
+        _C.rope_cache(qkv, model.cos, model.sin, positions, slots, s.num_heads, s.num_kv_heads, q, k, v,
+                      cache.k[layer], cache.v[layer], norm_x, eps)
+        return q, k, v
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self._silu_mul(gate_up, None, 0.0)
@@ -90,18 +95,22 @@ class FusedCudaOps(LayerOps):
         return self.residual_linear(x, self.silu_mul(gate_up), down)
 
 
-def decode_attention(cache: KVCache, seq_len: torch.Tensor, splits: int):
-    """The split-K decode kernel: one query token, length read from `seq_len` on the device."""
-    workspaces: dict[int, torch.Tensor] = {}
+def paged_decode_attention(cache: PagedKVCache, tables: torch.Tensor, seq_lens: torch.Tensor,
+                           splits: int) -> Attention:
+    """hjcg's split-K decode kernel: one query token per row, row b over positions [0, seq_lens[b]) of its
+    stream through its block table (tables [B, W] int32, seq_lens [B] int64, both read on the device, so
+    one graph serves every mix of lengths). The workspace is kept for the attention's life: a captured
+    graph writes to it."""
+    workspaces: dict[tuple[int, int], torch.Tensor] = {}
 
-    def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
-        heads, dim = q.shape[1], q.shape[2]
-        ws = workspaces.get(heads)
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        b, heads, dim = q.shape
+        ws = workspaces.get((b, heads))
         if ws is None:
-            ws = workspaces[heads] = torch.empty(heads, splits, dim + 2, device=q.device, dtype=torch.float32)
-        q2 = q.reshape(heads, dim)
-        out = torch.empty_like(q2)
-        _C.decode_attention(q2, cache.k[layer], cache.v[layer], seq_len, dim ** -0.5, out, ws)
-        return out.view(1, heads, dim)
+            ws = workspaces[(b, heads)] = torch.empty(b * heads, splits, dim + 2, device=q.device, dtype=torch.float32)
+        out = torch.empty_like(q)
+        _C.decode_attention(q.contiguous(), cache.k[layer], cache.v[layer], tables[:b], seq_lens[:b],
+                            cache.block_size, dim ** -0.5, out, ws)
+        return out
 
     return attend

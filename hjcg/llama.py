@@ -1,11 +1,13 @@
 """The fast forward of a Llama-family decoder (Llama 2/3, Mistral, SmolLM2; GQA; RoPE as the config says).
 
 Weights come from transformers' own model, rearranged once: Q, K and V fused into one matrix, gate and
-up into another, so a layer is four matrix products. The KV cache is static (allocated once), so every
-shape is fixed and the forward can be captured into a CUDA graph. The lm head runs only on the row
-that is sampled.
+up into another, so a layer is four matrix products. The KV cache is paged (hjcg.kv_cache): a step's
+tokens write their K/V at given slots, and its attention reads what it needs through block tables, so
+the shapes of a step never depend on where its streams' tokens live and the forward can be captured
+into a CUDA graph. The rows of a step are either one prompt chunk or one token of each stream of a
+batch. The lm head runs only on the rows that are sampled.
 
-Shapes: S = tokens in the step, H = hidden size, Hq/Hkv = query/KV heads, D = head dim, T = cache length.
+Shapes: S = tokens (rows) in the step, H = hidden size, Hq/Hkv = query/KV heads, D = head dim.
 """
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hjcg.kv_cache import KVCache
+from hjcg.kv_cache import PagedKVCache
 
-# attention(layer, q [S, Hq, D]) -> [S, Hq, D], over the keys/values already in the cache.
-Attention = Callable[[int, torch.Tensor], torch.Tensor]
+# attention(layer, q [R, Hq, D], k, v [S, Hkv, D] (the step's own, already in the cache), rows [R] | None)
+# -> [R, Hq, D]. rows: which of the step's S rows q holds (None: all, R = S).
+Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 @dataclass(slots=True)
@@ -141,19 +144,22 @@ class FastLlama:
         self.norm = torch.ones_like(self.norm)
         self.norms_folded = True
 
-    def new_cache(self, length: int) -> KVCache:
+    def new_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
         s = self.shape
-        return KVCache(s.num_layers, length, s.num_kv_heads, s.head_dim, self.device, self.dtype)
+        return PagedKVCache(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim, self.device, self.dtype)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, attention: Attention,
-                logit_rows: torch.Tensor | None, ops: "LayerOps | None" = None,
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        s = self.shape
+        return PagedKVCache.bytes_per_block(s.num_layers, block_size, s.num_kv_heads, s.head_dim, self.dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: PagedKVCache,
+                attention: Attention, logit_rows: torch.Tensor | None, ops: "LayerOps | None" = None,
                 row_attention: Attention | None = None) -> torch.Tensor:
-        """input_ids, positions: [S] int64; logit_rows: [R] int64 row indices (None: all rows).
+        """input_ids, positions, slots: [S] int64; logit_rows: [R] int64 row indices (None: all rows).
 
-        Writes the step's K/V into `cache` at `positions` and returns logits [R, vocab] in float32.
+        Writes the step's K/V into `cache` at `slots` and returns logits [R, vocab] in float32.
         `ops` supplies the elementwise stages (plain torch by default; fused CUDA kernels in hybrid mode).
-        `row_attention` serves the last layer's `logit_rows` alone (default: masked attention over the
-        cache at those rows' positions).
+        `row_attention` serves the last layer's `logit_rows` alone (default: `attention` on those rows).
         """
         ops = ops or TORCH_OPS
         s = self.shape
@@ -161,15 +167,14 @@ class FastLlama:
         eps = s.rms_norm_eps
         last_layer = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            q = ops.attention_input(x, layer.input_norm, eps, layer.qkv, positions, self, cache, i)  # [S, Hq, D]
+            q, k, v = ops.attention_input(x, layer.input_norm, eps, layer.qkv, positions, slots, self, cache, i)
             if i == last_layer and logit_rows is not None:
                 # Only the rows the lm head reads matter past the last layer's K/V (in the cache by now):
                 # its attention, o projection and MLP run on those rows alone (~2.5% of a prompt's FLOPs).
                 x, q = x.index_select(0, logit_rows), q.index_select(0, logit_rows)
-                attend = row_attention or masked_cache_attention(cache, positions.index_select(0, logit_rows))
-                out = attend(i, q)
+                out = (row_attention or attention)(i, q, k, v, logit_rows)
             else:
-                out = attention(i, q)
+                out = attention(i, q, k, v, None)
             x = ops.residual_linear(x, out.reshape(x.shape[0], -1), layer.o)
             x = ops.mlp(x, layer.post_norm, eps, layer.gate_up, layer.down)
         return ops.norm_linear(x, self.norm, eps, self.lm_head).float()
@@ -186,9 +191,10 @@ class LayerOps:
         """rms_norm(x) @ weight.T"""
         return self.rms_norm(x, norm_weight, eps) @ weight.t()
 
-    def rope_and_cache(self, qkv: torch.Tensor, positions: torch.Tensor, model: FastLlama, cache: KVCache,
-                       layer: int) -> torch.Tensor:
-        """qkv [S, (Hq + 2 Hkv) D] -> q [S, Hq, D] with RoPE; k (with RoPE) and v go into the cache."""
+    def rope_and_cache(self, qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, model: FastLlama,
+                       cache: PagedKVCache, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv [S, (Hq + 2 Hkv) D] -> q [S, Hq, D], k, v [S, Hkv, D], RoPE on q and k; k and v also go into
+        the cache at `slots`."""
         s = model.shape
         q_end = s.num_heads * s.head_dim
         k_end = q_end + s.num_kv_heads * s.head_dim
@@ -197,13 +203,16 @@ class LayerOps:
         q = qkv[:, :q_end].view(-1, s.num_heads, s.head_dim)
         k = qkv[:, q_end:k_end].view(-1, s.num_kv_heads, s.head_dim)
         v = qkv[:, k_end:].view(-1, s.num_kv_heads, s.head_dim)
-        cache.write(layer, positions, k * cos + rotate_half(k) * sin, v)
-        return q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        cache.write(layer, slots, k, v)
+        return q * cos + rotate_half(q) * sin, k, v
 
     def attention_input(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qkv_weight: torch.Tensor,
-                        positions: torch.Tensor, model: FastLlama, cache: KVCache, layer: int) -> torch.Tensor:
-        """q [S, Hq, D] of rope(rms_norm(x) @ qkv_weight.T); k and v go into the cache."""
-        return self.rope_and_cache(self.norm_linear(x, norm_weight, eps, qkv_weight), positions, model, cache, layer)
+                        positions: torch.Tensor, slots: torch.Tensor, model: FastLlama, cache: PagedKVCache,
+                        layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of rope(rms_norm(x) @ qkv_weight.T) (see rope_and_cache); k and v go into the cache."""
+        return self.rope_and_cache(self.norm_linear(x, norm_weight, eps, qkv_weight), positions, slots, model, cache,
+                                   layer)
 
     def mlp(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up_weight: torch.Tensor,
             down_weight: torch.Tensor) -> torch.Tensor:
@@ -236,37 +245,53 @@ SHORT_PROMPT_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
 SHORT_PROMPT_TOKENS = 128
 
 
-def causal_self_attention(cache: KVCache) -> Attention:
-    """Prefill of a chunk that starts at position 0: it attends causally to itself, cache rows [0, S)."""
-    def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
+def causal_self_attention() -> Attention:
+    """A prompt's first chunk (positions 0..S-1): each row attends causally to the chunk's own keys."""
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        if rows is not None:  # a few rows of the chunk: an explicit mask, row r sees keys 0..rows[r]
+            mask = torch.arange(k.shape[0], device=q.device)[None, :] <= rows[:, None]
+            return _sdpa(q, k, v, mask)
         n = q.shape[0]
-        k, v = cache.k[layer, :n], cache.v[layer, :n]
-        # 4-D [1, H, S, D]: with 3-D inputs SDPA takes its slow math path instead of flash attention
-        args = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
         backends = (sdpa_kernel(SHORT_PROMPT_SDPA, set_priority=True) if q.is_cuda and n <= SHORT_PROMPT_TOKENS
                     else contextlib.nullcontext())
         with backends:
-            out = F.scaled_dot_product_attention(*args, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-        return out[0].transpose(0, 1)
+            return _sdpa(q, k, v, None, causal=True)
     return attend
 
 
-def masked_cache_attention(cache: KVCache, positions: torch.Tensor, kv_len: int | None = None) -> Attention:
-    """q at `positions` attends to cached rows at positions <= its own; kv_len bounds the rows read
-    (None: the whole cache, so the shapes do not depend on the length: graph- and compile-safe)."""
-    def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
-        k = cache.k[layer] if kv_len is None else cache.k[layer, :kv_len]
-        v = cache.v[layer] if kv_len is None else cache.v[layer, :kv_len]
-        mask = torch.arange(k.shape[0], device=q.device)[None, :] <= positions[:, None]   # [S, T']
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                             v.transpose(0, 1)[None], attn_mask=mask[None, None],
-                                             enable_gqa=q.shape[1] != k.shape[1])
-        return out[0].transpose(0, 1)
+def context_attention(cache: PagedKVCache, context_slots: torch.Tensor, positions: torch.Tensor) -> Attention:
+    """A later chunk of a long prompt: row r (at positions[r]) attends to the stream's cached keys at
+    positions <= its own; context_slots [T] are the slots of positions 0..T-1 (host-known lengths)."""
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        keys, values = cache.gather(layer, context_slots)
+        at = positions if rows is None else positions.index_select(0, rows)
+        mask = torch.arange(keys.shape[0], device=q.device)[None, :] <= at[:, None]
+        return _sdpa(q, keys, values, mask)
     return attend
 
 
-def eager_attention(cache: KVCache, positions: torch.Tensor, start_pos: int, kv_len: int) -> Attention:
-    """Host-known lengths (the eager path): a fresh prompt attends to itself, anything else to the cache."""
-    if start_pos == 0:
-        return causal_self_attention(cache)
-    return masked_cache_attention(cache, positions, kv_len)
+def paged_decode_attention(cache: PagedKVCache, tables: torch.Tensor, seq_lens: torch.Tensor,
+                           max_len: int | None = None) -> Attention:
+    """One token per row: row b attends to positions [0, seq_lens[b]) of its own stream, read through its
+    block table (tables [B, W] int32). max_len bounds the positions read (None: the whole table, so the
+    shapes do not depend on the lengths: graph-safe)."""
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        b = q.shape[0]
+        length = max_len if max_len is not None else tables.shape[1] * cache.block_size
+        slots = cache.table_slots(tables[:b], length)                  # [B, T]
+        keys, values = cache.gather(layer, slots)                      # [B, T, Hkv, D]
+        mask = torch.arange(length, device=q.device)[None, :] < seq_lens[:b, None]
+        out = F.scaled_dot_product_attention(q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2),
+                                             attn_mask=mask[:, None, None, :], enable_gqa=q.shape[1] != keys.shape[2])
+        return out[:, :, 0, :]
+    return attend
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          causal: bool = False) -> torch.Tensor:
+    """q [R, Hq, D] over k, v [T, Hkv, D] -> [R, Hq, D]; mask [R, T] (True: attend)."""
+    # 4-D [1, H, S, D]: with 3-D inputs SDPA takes its slow math path instead of flash attention
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         attn_mask=None if mask is None else mask[None, None], is_causal=causal,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out[0].transpose(0, 1)

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from hjcg.config import EngineConfig
-from hjcg.cuda_graphs import GraphRunner
 from hjcg.engine import Engine, GenerationRequest, TokenOutput
 from hjcg.random_models import random_llama
 from hjcg.sampling import SamplingParams
@@ -26,27 +25,44 @@ def make_engine(loaded, mode, dtype, **overrides):
     return Engine(config, loaded)
 
 
-def teacher_forced_logits(engine, tokens, prompt_len):
-    """Logits for positions prompt_len-1 ... len-2, feeding the given tokens one by one."""
+def teacher_forced_logits(engine, streams):
+    """For each stream (tokens, prompt_len), run together in one batch: the logits for positions
+    prompt_len-1 ... len-2, feeding the given tokens one by one. Streams shorter than the longest keep
+    running on their last token (their extra logits are dropped)."""
+    from hjcg.block_manager import BlockTable
+
     runner = engine.runner
-    prompt = torch.tensor(tokens[:prompt_len])
-    rows = []
+    tables = [BlockTable() for _ in streams]
+    rows = [[] for _ in streams]
     with torch.inference_mode():
-        runner.sampler.reset(SamplingParams(), prompt.cuda())
-        if isinstance(runner, GraphRunner):
-            runner._ensure_decode_graph()
-            runner.prefill(prompt.cuda(), SamplingParams())
-            rows.append(runner.logits[0].clone())
-            for pos in range(prompt_len, len(tokens) - 1):
-                runner.token.fill_(tokens[pos])
-                runner.position.fill_(pos)
-                runner._decode()
-                rows.append(runner.decode_logits[0].clone())
-        else:
-            rows.append(runner.prefill(prompt)[0])
-            for pos in range(prompt_len, len(tokens) - 1):
-                rows.append(runner.decode(torch.tensor([tokens[pos]], device="cuda"), pos)[-1])
-    return torch.stack(rows).float()
+        for r, ((tokens, prompt_len), table) in enumerate(zip(streams, tables)):
+            engine.blocks.reserve(table, len(tokens) + 1)
+            engine.blocks.grow(table, len(tokens) + 1)
+            runner.prefill(r, tokens[:prompt_len], table.blocks, SamplingParams())
+            rows[r].append(runner.prompt_logits()[0].clone())
+        steps = max(len(t) - 1 - p for t, p in streams)
+        for step in range(steps):
+            feed = [t[min(p + step, len(t) - 1)] for t, p in streams]
+            runner.force_tokens(feed)
+            longest = max(p + step + 1 for _, p in streams)
+            runner.read_tokens(runner.launch_decode(len(streams), engine.scheduler.bucket(len(streams)), longest),
+                               len(streams))
+            for r, (tokens, prompt_len) in enumerate(streams):
+                if prompt_len + step < len(tokens) - 1:
+                    rows[r].append(runner.last_logits(len(streams))[r].clone())
+        runner.compact([], len(streams))
+    for table in tables:
+        engine.blocks.release(table)
+    return [torch.stack(r).float() for r in rows]
+
+
+def hf_logits(loaded, tokens, prompt_len):
+    with torch.inference_mode():
+        return loaded.hf_model(torch.tensor([tokens], device="cuda")).logits[0, prompt_len - 1:-1].float()
+
+
+def max_rel(got, ref):
+    return ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
 
 
 @pytest.fixture(scope="module", params=[("smollm2-135m", "float32"), ("smollm2-135m", "float16")],
@@ -65,12 +81,23 @@ def test_teacher_forced_logits_match_transformers(model_and_dtype, mode, prompt_
     engine = make_engine(loaded, mode, dtype)
     g = torch.Generator().manual_seed(prompt_len)
     tokens = torch.randint(3, loaded.hf_model.config.vocab_size, (prompt_len + DECODE_STEPS,), generator=g).tolist()
-    with torch.inference_mode():
-        ref = loaded.hf_model(torch.tensor([tokens], device="cuda")).logits[0, prompt_len - 1:-1].float()
-    got = teacher_forced_logits(engine, tokens, prompt_len)
-    rel = ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+    [got] = teacher_forced_logits(engine, [(tokens, prompt_len)])
+    rel = max_rel(got, hf_logits(loaded, tokens, prompt_len))
     assert rel <= (1e-4 if dtype == "float32" else 1e-2), rel
     assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("mode", ["graphs", "hybrid"])
+def test_teacher_forced_logits_of_a_mixed_batch_match_transformers(model_and_dtype, mode):
+    # five streams of different prompt lengths decoded together (batch bucket 8: three idle rows)
+    loaded, dtype = model_and_dtype
+    engine = make_engine(loaded, mode, dtype)
+    g = torch.Generator().manual_seed(7)
+    streams = [(torch.randint(3, loaded.hf_model.config.vocab_size, (n + 60,), generator=g).tolist(), n)
+               for n in (5, 33, 100, 64, 513)]
+    for (tokens, prompt_len), got in zip(streams, teacher_forced_logits(engine, streams)):
+        rel = max_rel(got, hf_logits(loaded, tokens, prompt_len))
+        assert rel <= (1e-4 if dtype == "float32" else 1e-2), (prompt_len, rel)
 
 
 @pytest.mark.parametrize("mode", ["graphs", "hybrid"])
@@ -100,7 +127,7 @@ def test_sampling_in_the_decode_graph_is_seeded_and_random():
 def test_cache_sweep_stays_in_budget_frees_memory_and_answers_every_length():
     loaded = random_llama("smollm2-135m", torch.float16, "cuda", seed=4)
     budget = 96 << 20
-    graphs = make_engine(loaded, "hybrid", "float16", prefill_buckets=(16, 32, 64, 128, 256, 512),
+    graphs = make_engine(loaded, "hybrid", "float16", prefill_buckets=(16, 32, 64, 128, 256, 512), max_batch=1,
                          graph_cache_max_entries=4, graph_cache_max_bytes=budget, max_context=2100,
                          max_prompt_tokens=2048)
     eager = Engine(EngineConfig(model=loaded.name, device="cuda", dtype="float16", mode="eager", max_context=2100,
@@ -150,3 +177,70 @@ def test_warm_reports_graphs_and_memory():
     assert ("decode", 1) in phases and ("prefill", 512) in phases
     again = engine.warm([100])
     assert all(g["cached"] for g in again["graphs"])
+
+
+class Collector:
+    def __init__(self):
+        self.ids, self.finish = [], None
+
+    def __call__(self, event):
+        if isinstance(event, TokenOutput):
+            self.ids.append(event.id)
+        else:
+            self.finish = event
+
+
+def drive(engine, collectors):
+    while not all(c.finish for c in collectors) or engine.has_work():
+        engine.step()
+
+
+@pytest.mark.parametrize("mode", ["graphs", "hybrid"])
+def test_every_stream_of_a_mixed_batch_equals_its_solo_run_and_transformers_fp32(mode):
+    loaded = random_llama("smollm2-135m", torch.float32, "cuda", seed=2)
+    engine = make_engine(loaded, mode, "float32")
+    rng = random.Random(1)
+    requests = [GenerationRequest([rng.randrange(3, 49152) for _ in range(n)], 24 + 4 * i, ignore_eos=True)
+                for i, n in enumerate((30, 5, 200, 77, 600, 12))]
+    collectors = [Collector() for _ in requests]
+    for i, (request, c) in enumerate(zip(requests, collectors)):  # joining at different steps
+        engine.submit(request, c)
+        for _ in range(i):
+            engine.step()
+    drive(engine, collectors)
+    for request, c in zip(requests, collectors):
+        n = len(request.prompt_ids)
+        with torch.inference_mode():
+            expected = loaded.hf_model.generate(torch.tensor([request.prompt_ids], device="cuda"),
+                                                max_new_tokens=request.max_new_tokens, do_sample=False,
+                                                eos_token_id=None, pad_token_id=0)[0, n:].tolist()
+        assert c.ids == ids(engine.generate(request)), n
+        assert c.ids == expected, n
+
+
+def test_a_seeded_sampled_stream_draws_the_same_tokens_alone_and_in_a_batch_on_the_gpu():
+    loaded = random_llama("smollm2-135m", torch.float16, "cuda", seed=3)
+    engine = make_engine(loaded, "hybrid", "float16")
+    request = GenerationRequest([5, 6, 7, 8], 40, SamplingParams(temperature=1.0, top_k=50, seed=11), ignore_eos=True)
+    alone = ids(engine.generate(request))
+    collectors = [Collector() for _ in range(3)]
+    engine.submit(GenerationRequest([9, 10], 60, SamplingParams(temperature=0.7, seed=1), ignore_eos=True),
+                  collectors[0])
+    engine.step()
+    engine.submit(request, collectors[1])
+    engine.submit(GenerationRequest([11] * 40, 10, ignore_eos=True), collectors[2])
+    drive(engine, collectors)
+    assert collectors[1].ids == alone and len(set(alone)) > 5
+
+
+def test_batch_buckets_serve_32_streams_and_shrink():
+    loaded = random_llama("smollm2-135m", torch.float16, "cuda", seed=8)
+    engine = make_engine(loaded, "hybrid", "float16")
+    collectors = [Collector() for _ in range(33)]
+    for i, c in enumerate(collectors):
+        engine.submit(GenerationRequest([3 + i, 4, 5], 4 if i % 2 else 30, ignore_eos=True), c)
+    engine.step()
+    assert engine.stats()["running"] == 32 and engine.stats()["waiting"] == 1 and engine.stats()["batch_bucket"] == 32
+    drive(engine, collectors)
+    assert all(c.finish.completion_tokens == (4 if i % 2 else 30) for i, c in enumerate(collectors))
+    assert engine.stats()["running"] == 0 and engine.stats()["kv_blocks_used"] == 0

@@ -1,0 +1,211 @@
+"""The model runner: runs prefill and batched decode steps over the paged KV cache, and owns every buffer
+the steps read, in one place.
+
+Batch state, one row per running stream (rows [0, n) live, the rest idle):
+  tokens [R]      the token each row feeds next (the decode step writes the sampled one back: steps
+                  chain on the device with no host round trip)
+  positions [R]   its position; the step adds `live` to it (idle rows stay at 0)
+  tables [R, W]   its block table (int32; idle rows and unused entries point at the trash block)
+  seq_lens [R]    positions + 1, written by the step, read by the attention kernel
+  sampler         per-row sampling parameters, seeds, draw counters and histories (RowSampler)
+A decode step over n live rows runs in the smallest batch bucket b >= n: rows [n, b) are idle and write
+only the trash block. Prefill runs one stream's prompt in chunks (length buckets on CUDA).
+
+Two runners: EagerRunner (plain PyTorch forward; the CPU path and the reference) and, in
+hjcg.cuda_graphs, GraphRunner (the same steps captured into CUDA graphs).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from hjcg.kv_cache import TRASH_BLOCK, PagedKVCache
+from hjcg.llama import Attention, FastLlama, LayerOps, causal_self_attention, context_attention, paged_decode_attention
+from hjcg.row_sampler import RowSampler
+from hjcg.sampling import SamplingParams
+
+HOST_RING = 4  # decode steps whose tokens may be on their way to the host at once
+
+
+def chunks(length: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) pairs covering [0, length) in pieces of at most `size`."""
+    for start in range(0, length, size):
+        yield start, min(start + size, length)
+
+
+class EagerRunner:
+    """Plain PyTorch steps with hjcg's sampling kernel (the CPU path, and the reference for the GPU's)."""
+
+    mode = "eager"
+
+    def __init__(self, model: FastLlama, cache: PagedKVCache, max_batch: int, max_positions: int,
+                 prefill_chunk: int, ops: LayerOps | None = None, kernel_sampler: bool = True):
+        self.model, self.cache = model, cache
+        self.ops = ops
+        self.prefill_chunk = prefill_chunk
+        self.block_size = cache.block_size
+        device = model.device
+        self.device = device
+        width = -(-max_positions // cache.block_size)  # table entries: every position a step may touch
+        self.tokens = torch.zeros(max_batch, device=device, dtype=torch.int64)
+        self.positions = torch.zeros(max_batch, device=device, dtype=torch.int64)
+        self.live = torch.zeros(max_batch, device=device, dtype=torch.int64)
+        self.seq_lens = torch.ones(max_batch, device=device, dtype=torch.int64)
+        self.tables = torch.full((max_batch, width), TRASH_BLOCK, device=device, dtype=torch.int32)
+        self.logits = torch.zeros(max_batch, model.shape.vocab_size, device=device, dtype=torch.float32)
+        self.sampler = RowSampler(device, max_batch, max_positions, kernel=kernel_sampler)
+        pinned = device.type == "cuda"
+        self._host_tokens = torch.zeros(HOST_RING, max_batch, dtype=torch.int64, pin_memory=pinned)
+        self._host_table = torch.zeros(width, dtype=torch.int32, pin_memory=pinned)
+        self._events = [torch.cuda.Event() for _ in range(HOST_RING)] if pinned else None
+        self._table_copied = torch.cuda.Event() if pinned else None
+        self._launches = 0
+        self._prompt_logits: torch.Tensor | None = None
+
+    @property
+    def max_batch(self) -> int:
+        return self.tokens.numel()
+
+    @property
+    def table_width(self) -> int:
+        return self.tables.shape[1]
+
+    # --- rows -------------------------------------------------------------------------------------------
+
+    def _load_table(self, row: int, blocks: list[int]) -> None:
+        """tables[row] = the stream's blocks, the rest of the row the trash block (one copy)."""
+        if self._table_copied is not None:
+            self._table_copied.synchronize()  # the staging buffer's last copy has left
+        host = self._host_table.numpy()
+        host[:] = TRASH_BLOCK
+        host[:len(blocks)] = blocks
+        self.tables[row].copy_(self._host_table, non_blocking=True)
+        if self._table_copied is not None:
+            self._table_copied.record()
+
+    def set_blocks(self, updates: list[tuple[int, int, int]]) -> None:
+        """(row, index, block) entries of the block tables, for streams that grew into new blocks."""
+        if not updates:
+            return
+        rows, index, blocks = zip(*updates)
+        self.tables[torch.tensor(rows), torch.tensor(index)] = torch.tensor(blocks, dtype=torch.int32).to(self.device)
+
+    def compact(self, order: list[int], old_n: int) -> None:
+        """Row i takes what row order[i] held; rows from len(order) up to old_n go idle."""
+        m = len(order)
+        if order != list(range(m)):
+            idx = torch.tensor(order, device=self.device)
+            for t in (self.tokens, self.positions, self.tables):
+                t[:m].copy_(t.index_select(0, idx))
+            self.sampler.compact(idx)
+        self.live[m:old_n].zero_()
+        self.positions[m:old_n].zero_()
+        self.tables[m:old_n].fill_(TRASH_BLOCK)
+
+    # --- prefill ----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, row: int, prompt: list[int], blocks: list[int], params: SamplingParams) -> None:
+        """Runs a joining stream's prompt (its blocks already cover it), loads its row and samples its first
+        token into tokens[row]; read it with first_token()."""
+        ids = torch.tensor(prompt, dtype=torch.int64).to(self.device)
+        self._load_table(row, blocks)
+        logits = self._prefill(ids, row)
+        self._prompt_logits = logits
+        self.sampler.load(row, params, ids)
+        self.sampler.sample(logits, row, self.tokens[row:row + 1])
+        self.positions[row] = len(prompt)
+        self.live[row] = 1
+
+    def _prefill(self, ids: torch.Tensor, row: int) -> torch.Tensor:
+        """The prompt's last logits [1, V], its K/V written into the stream's blocks (tables[row])."""
+        logits = None
+        for start, end in chunks(ids.numel(), self.prefill_chunk):
+            logits = self._prefill_chunk(ids, start, end, row)
+        return logits
+
+    def _prefill_chunk(self, ids: torch.Tensor, start: int, end: int, row: int) -> torch.Tensor:
+        table = self.tables[row]
+        positions = torch.arange(start, end, device=self.device)
+        slots = self.cache.slots_at(table.expand(end - start, -1), positions)
+        if start == 0:
+            attention = causal_self_attention()
+        else:  # a later chunk of a long prompt also attends to the stream's earlier positions
+            attention = context_attention(self.cache, self.cache.table_slots(table[None], end)[0], positions)
+        last = torch.tensor([end - start - 1], device=self.device)
+        return self.model.forward(ids[start:end], positions, slots, self.cache, attention, last, self.ops)
+
+    def first_token(self, row: int) -> int:
+        return int(self.tokens[row])
+
+    # --- decode -----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def launch_decode(self, n: int, bucket: int, max_len: int) -> int:
+        """Queues one decode step for rows [0, n) (in batch bucket `bucket`; `max_len` bounds the positions
+        any live row attends to) and the copy of its tokens to the host. Returns a handle for read_tokens."""
+        self._decode(n, bucket, max_len)
+        slot = self._launches % HOST_RING
+        self._launches += 1
+        if self._events is not None:
+            self._events[slot].synchronize()  # that ring slot's last tokens have been read
+        self._host_tokens[slot, :n].copy_(self.tokens[:n], non_blocking=True)
+        if self._events is not None:
+            self._events[slot].record()
+        return slot
+
+    def read_tokens(self, handle: int, n: int) -> list[int]:
+        """The tokens of a launched step (waits for it)."""
+        if self._events is not None:
+            self._events[handle].synchronize()
+        return self._host_tokens[handle, :n].tolist()
+
+    def _decode(self, n: int, bucket: int, max_len: int) -> None:
+        # eager: exactly the live rows, attention over the longest live row's positions only
+        self._decode_step(n, paged_decode_attention(self.cache, self.tables, self.seq_lens, max_len))
+
+    def _decode_step(self, b: int, attention: Attention) -> None:
+        """One token for rows [0, b): the step every runner runs (and the graph runner captures)."""
+        positions = self.positions[:b]
+        slots = self.cache.slots_at(self.tables[:b], positions)
+        torch.add(positions, 1, out=self.seq_lens[:b])
+        logits = self.model.forward(self.tokens[:b], positions, slots, self.cache, attention, None, self.ops)
+        self.logits[:b].copy_(logits)
+        self.sampler.sample(logits, 0, self.tokens[:b])
+        positions.add_(self.live[:b])
+
+    # --- tests and figures ------------------------------------------------------------------------------
+
+    def last_logits(self, n: int) -> torch.Tensor:
+        """The logits the last decode step sampled rows [0, n) from (teacher-forced checks)."""
+        return self.logits[:n]
+
+    def prompt_logits(self) -> torch.Tensor:
+        """The logits [1, V] the last prefill sampled its first token from (teacher-forced checks)."""
+        return self._prompt_logits
+
+    def force_tokens(self, tokens: list[int]) -> None:
+        """Overrides the tokens rows [0, len(tokens)) feed next (teacher forcing in tests)."""
+        self.tokens[:len(tokens)].copy_(torch.tensor(tokens, dtype=torch.int64))
+
+    def warm(self, prompt_lengths: list[int]) -> dict | None:
+        return None  # nothing to capture
+
+    def graph_stats(self) -> dict:
+        return {}
+
+
+class CompiledRunner(EagerRunner):
+    """torch.compile on the decode step, no CUDA graphs: each batch bucket compiles once (rows padded up to
+    the bucket, attention over the whole block table, so the shapes never depend on the lengths)."""
+
+    mode = "compiled"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._attention = paged_decode_attention(self.cache, self.tables, self.seq_lens)
+        self._step = torch.compile(self._decode_step, dynamic=False, fullgraph=False)
+
+    def _decode(self, n: int, bucket: int, max_len: int) -> None:
+        self._step(bucket, self._attention)

@@ -1,0 +1,73 @@
+"""The sampler state of the running batch: one row per stream, in device tensors the fused sampling kernel
+(or its torch twin) reads and advances, so the decode graph samples every row with no host round trip.
+
+Row r holds stream r's parameters, seed, draw counter and token history (the repetition penalty's
+window). A stream's row is loaded when it joins; when streams leave, the rows close up (compact).
+"""
+from __future__ import annotations
+
+import secrets
+
+import torch
+
+from hjcg.native import _C
+from hjcg.sampling import SamplingParams
+
+
+def _to_int64(seed: int) -> int:
+    return seed - 2**64 if seed >= 2**63 else seed  # the kernel reads the bits as uint64
+
+
+class RowSampler:
+    def __init__(self, device: torch.device, rows: int, history_capacity: int, kernel: bool = True):
+        self.kernel = kernel  # hjcg's sampling kernel (CPU or CUDA), else the torch sampler ("graphs" ablation)
+        off = SamplingParams()
+        # [4, R] floats and [3, R] ints: a joining stream's scalars arrive in two copies; row views are contiguous
+        self._floats = torch.tensor([[off.temperature], [off.top_p], [off.min_p], [off.repetition_penalty]],
+                                    device=device, dtype=torch.float32).repeat(1, rows)
+        self._ints = torch.zeros(3, rows, device=device, dtype=torch.int64)
+        self.top_k = torch.zeros(rows, device=device, dtype=torch.int32)
+        self.history = torch.zeros(rows, history_capacity, device=device, dtype=torch.int64)
+        pinned = torch.device(device).type == "cuda"
+        self._host_floats = torch.zeros(4, dtype=torch.float32, pin_memory=pinned)
+        self._host_ints = torch.zeros(3, dtype=torch.int64, pin_memory=pinned)
+        self._copied = torch.cuda.Event() if pinned else None
+
+    @property
+    def rows(self) -> int:
+        return self.top_k.numel()
+
+    def load(self, row: int, params: SamplingParams, prompt: torch.Tensor) -> None:
+        """Row `row` takes a new stream: its parameters, a fresh draw counter and its prompt as history
+        (prompt on the device)."""
+        seed = params.seed if params.seed is not None else secrets.randbits(64)
+        n = min(prompt.numel(), self.history.shape[1])
+        if self._copied is not None:
+            self._copied.synchronize()  # the last load's copies have left the staging buffers
+        self._host_floats.numpy()[:] = (params.temperature, params.top_p, params.min_p, params.repetition_penalty)
+        self._host_ints.numpy()[:] = (_to_int64(seed), 0, n)
+        self._floats[:, row].copy_(self._host_floats, non_blocking=True)
+        self._ints[:, row].copy_(self._host_ints, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        self.top_k[row] = params.top_k
+        self.history[row, :n].copy_(prompt[:n], non_blocking=True)
+
+    def compact(self, order: torch.Tensor) -> None:
+        """Row i takes what row order[i] held (order on the device, [m])."""
+        m = order.numel()
+        for t, dim in ((self._floats, 1), (self._ints, 1), (self.top_k, 0), (self.history, 0)):
+            rows = t.index_select(dim, order)
+            (t[:, :m] if dim == 1 else t[:m]).copy_(rows)
+
+    def sample(self, logits: torch.Tensor, start: int, out: torch.Tensor) -> None:
+        """Samples rows [start, start + B) from logits [B, V] into out [B] (int64), advancing their state."""
+        end = start + logits.shape[0]
+        f, i = self._floats[:, start:end], self._ints[:, start:end]
+        args = (logits, self.history[start:end], i[2], f[0], self.top_k[start:end], f[1], f[2], f[3], i[0], i[1], out)
+        if self.kernel:
+            _C.sample(*args, True)
+        else:
+            from hjcg.torch_sampler import sample_rows  # imports this module's neighbour hjcg.sampling
+
+            sample_rows(*args, True)
