@@ -72,8 +72,7 @@ void sample(const torch::Tensor& logits, const torch::Tensor& history, const tor
     const int64_t len = std::min<int64_t>(std::max<int64_t>(hist_len[r], 0), capacity);
     const int64_t token =
         sample_row_ref(l + r * vocab, vocab, hist + r * capacity, len, p,
-                       static_cast<uint64_t>(seed.data_ptr<int64_t>()[r]), static_cast<uint64_t>(offs[r]),
-                       static_cast<uint32_t>(r));
+                       static_cast<uint64_t>(seed.data_ptr<int64_t>()[r]), static_cast<uint64_t>(offs[r]));
     o[r] = token;
     offs[r] += 1;
     if (append_to_history && len < capacity) {

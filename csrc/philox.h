@@ -33,10 +33,15 @@ HJCG_HOST_DEVICE uint32_t philox_word(uint64_t seed, uint32_t c0, uint32_t c1, u
   return ctr[0];
 }
 
-// A uniform float in [0, 1) for draw number `offset` of batch row `row` under `seed`.
-HJCG_HOST_DEVICE float philox_uniform(uint64_t seed, uint64_t offset, uint32_t row) {
-  const uint32_t word = philox_word(seed, static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32), row);
+// A uniform float in [0, 1) for draw number `offset` of stream `stream` under `seed`.
+HJCG_HOST_DEVICE float philox_uniform(uint64_t seed, uint64_t offset, uint32_t stream) {
+  const uint32_t word = philox_word(seed, static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32), stream);
   return static_cast<float>(word >> 8) * (1.0f / 16777216.0f);
 }
+
+// The samplers' draw: number `offset` of the request seeded with `seed`, and nothing else. Not its row in
+// the batch: rows move as streams join and leave, and a seeded request must draw the same tokens alone
+// and among any neighbours (batch invariance); rows differ by their seeds.
+HJCG_HOST_DEVICE float sampler_uniform(uint64_t seed, uint64_t offset) { return philox_uniform(seed, offset, 0u); }
 
 }  // namespace hjcg

@@ -119,9 +119,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     }
     __shared__ double shared_d[32];
     const double total = block_sum(chunk_sum, shared_d);
-    const double target = static_cast<double>(philox_uniform(static_cast<uint64_t>(a.seed[row]),
-                                                             static_cast<uint64_t>(a.offset[row]),
-                                                             static_cast<uint32_t>(row))) * total;
+    const double target = static_cast<double>(sampler_uniform(static_cast<uint64_t>(a.seed[row]),
+                                                              static_cast<uint64_t>(a.offset[row]))) * total;
     using Scan = cub::BlockScan<double, kThreads>;
     __shared__ typename Scan::TempStorage scan_storage;
     double prefix;

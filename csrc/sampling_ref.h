@@ -7,7 +7,7 @@
 //   4. top-k: keep w_i >= the k-th largest weight (ties at the edge are kept);
 //   5. top-p: among those, keep w_i >= t for the largest t whose kept mass reaches top_p of theirs;
 //   6. min-p: keep w_i >= min_p (min_p times the largest weight, which is 1);
-//   7. draw u in [0, 1) from Philox(seed, offset, row) and return the first token, in index order,
+//   7. draw u in [0, 1) from Philox(seed, offset) and return the first token, in index order,
 //      whose running kept mass exceeds u times the kept total.
 // Every filter keeps the set {w_i >= threshold}, so the filters compose by taking the largest threshold.
 #pragma once
@@ -80,7 +80,7 @@ inline float keep_threshold_ref(const std::vector<float>& weights, const Samplin
 
 // Samples one token from one row of logits. `history` may be null when history_len is 0.
 inline int64_t sample_row_ref(const float* logits, int64_t vocab, const int64_t* history, int64_t history_len,
-                              const SamplingParamsRow& p, uint64_t seed, uint64_t offset, uint32_t row) {
+                              const SamplingParamsRow& p, uint64_t seed, uint64_t offset) {
   std::vector<float> work(static_cast<size_t>(vocab));
   apply_repetition_penalty_ref(logits, vocab, history, history_len, p.repetition_penalty, work.data());
   const int64_t best = argmax_ref(work.data(), vocab);
@@ -94,7 +94,7 @@ inline int64_t sample_row_ref(const float* logits, int64_t vocab, const int64_t*
   double total = 0.0;
   for (float w : work)
     if (w >= threshold) total += w;
-  const double target = static_cast<double>(philox_uniform(seed, offset, row)) * total;
+  const double target = static_cast<double>(sampler_uniform(seed, offset)) * total;
   double running = 0.0;
   int64_t last_kept = best;
   for (int64_t i = 0; i < vocab; ++i) {

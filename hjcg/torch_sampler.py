@@ -2,8 +2,8 @@
 
 The same function as the fused kernel and its CPU reference (csrc/sampling_ref.h), step by step, on the
 same per-row [B] inputs as _C.sample and with the same side effects. The draw is the kernel's own
-Philox4x32-10 uniform (csrc/philox.h) for (seed, draw counter, row), computed with int64 tensor ops on
-the device, so a seeded request draws the same tokens in every mode. Parameters are those of
+Philox4x32-10 uniform (csrc/philox.h, sampler_uniform) for (seed, draw counter), computed with int64
+tensor ops on the device, so a seeded request draws the same tokens in every mode, in any row. Parameters are those of
 hjcg.sampling.SamplingParams; values outside a filter's active range are "off", as in
 csrc/sampling_params.h.
 """
@@ -136,8 +136,8 @@ def sample_rows(logits: torch.Tensor, history: torch.Tensor, history_len: torch.
     greedy = torch.argmax(x, dim=1)                          # the lowest index on ties
     w = _weights(x, temperature)
     threshold = _keep_threshold(w, top_k, top_p, min_p)
-    rows = torch.arange(x.shape[0], device=x.device)
-    sampled = _draw(w, threshold, philox_uniform(seed, offset, rows), greedy)
+    # sampler_uniform: Philox(seed, offset) with stream word 0, whatever the row (batch invariance)
+    sampled = _draw(w, threshold, philox_uniform(seed, offset, torch.zeros_like(offset)), greedy)
     _advance(torch.where(temperature > 0, sampled, greedy), out, offset, history, history_len, length,
              append_to_history)
     return out

@@ -75,6 +75,16 @@ def test_penalised_ties_break_like_the_cpu_reference():
         assert torch.equal(batch.run(fn, "cuda")["out"], expected), name
 
 
+def test_a_rows_draw_on_cuda_does_not_depend_on_its_position_in_the_batch():
+    batch = random_batch(random.Random(12), 64, 32000)
+    batch.params["temperature"].fill_(1.0)
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    moved = Batch(batch.logits[order], {k: v[order] for k, v in batch.params.items()}, batch.history[order],
+                  batch.history_len[order], batch.offset[order])
+    for name, fn in SAMPLERS.items():
+        assert torch.equal(moved.run(fn, "cuda")["out"], batch.run(fn, "cuda")["out"][order]), name
+
+
 def test_torch_philox_on_cuda_is_the_kernels_draw():
     rng = random.Random(1)
     seeds = [rng.getrandbits(64) for _ in range(500)]

@@ -200,3 +200,13 @@ def test_sampling_params_are_stored_in_canonical_form():
     assert SamplingParams(top_k=2**40).top_k == 0 and SamplingParams(top_k=2**31 - 1).top_k == 2**31 - 1
     assert SamplingParams.from_wire(top_p=0.0, repetition_penalty=0.0) == SamplingParams()
     assert SamplingParams.from_wire(temperature=0.5, top_p=0.5) == SamplingParams(temperature=0.5, top_p=0.5)
+
+
+def test_a_rows_draw_does_not_depend_on_its_position_in_the_batch(sampler):
+    # rows move as streams join and leave: a seeded stream must draw alike in any row (batch invariance)
+    batch = random_batch(random.Random(11), 16, 500)
+    batch.params["temperature"].fill_(1.0)  # every row draws
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    moved = Batch(batch.logits[order], {k: v[order] for k, v in batch.params.items()}, batch.history[order],
+                  batch.history_len[order], batch.offset[order])
+    assert torch.equal(moved.run(sampler)["out"], batch.run(sampler)["out"][order])
