@@ -110,10 +110,15 @@ def test_default_threads_are_the_cpus_this_process_may_use(server):
     assert f"torch CPU threads: {affinity} (the CPUs this process may use)" in server.log_text()
 
 
-def test_threads_must_be_at_least_one(capsys):
+@pytest.mark.parametrize("argv,message", [
+    (["--threads", "0"], "--threads: must be >= 1"),
+    (["--threads", "two"], "--threads: expected a whole number"),
+    (["--metrics-port", "99999"], "--metrics-port: a port is 1 to 65535"),
+])
+def test_threads_and_metrics_port_are_checked(capsys, argv, message):
     with pytest.raises(SystemExit) as info:
-        main(["serve", "--threads", "0"])
-    assert info.value.code == 2 and "--threads: must be >= 1" in capsys.readouterr().err
+        main(["serve", *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
 
 
 # --- 6: the open-network warning (none on loopback) --------------------------------------------------------

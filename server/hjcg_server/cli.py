@@ -31,6 +31,13 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _port_number(text: str) -> int:
+    value = _at_least_one(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hjcg", description="hjcg: low-latency LLM inference over gRPC")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key", help="PEM private key (default: none)")
     s.add_argument("--tls-client-ca",
                    help="PEM CA bundle; clients must then present a certificate it signed (default: none)")
-    s.add_argument("--metrics-port", type=int,
+    s.add_argument("--metrics-port", type=_port_number, metavar="PORT",
                    help="serve Prometheus metrics on this port of 127.0.0.1 (default: none, no metrics endpoint)")
     s.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
                    help="least severe log messages shown (default: %(default)s)")
