@@ -1,4 +1,4 @@
-"""Sampling parameters, specified once, and the per-request sampler state that feeds the fused kernel.
+"""Sampling parameters, specified once.
 
 SamplingParams is the one specification of every parameter: it checks each value against its range and
 stores it in canonical form, and everything downstream (the CUDA kernel, its CPU reference
@@ -23,11 +23,9 @@ top_k kept (whole tie groups); min_p keeps the weights >= min_p times the larges
 (seed, draw counter), independent of the request's row in the batch. Floats must be finite. Non-canonical values never reach the samplers through
 this class; if passed to them directly, each sampler treats a value outside its filter's active range
 (top_k <= 0 or >= vocab, top_p <= 0 or >= 1, min_p <= 0, repetition_penalty <= 0 or == 1,
-temperature <= 0) as off, alike (csrc/sampling_params.h).
-
-The state lives in tensors on the model's device (parameters, seed, draw counter, token history), so
-the CUDA decode graph reads and advances it without the host: the kernel bumps the draw counter and
-appends the token it picks to the history.
+temperature <= 0) as off, alike (csrc/sampling_params.h). The batch's sampler state, which feeds
+them per-row [B] tensors of these values, is hjcg.row_sampler.RowSampler (row_tensors builds the same
+tensors for tests and tools).
 """
 from __future__ import annotations
 
@@ -37,8 +35,6 @@ import secrets
 from dataclasses import dataclass
 
 import torch
-
-from hjcg.native import _C
 
 MIN_TEMPERATURE = 1e-5   # below it sampling is greedy in all but float noise; 1/T must stay finite in float32
 MAX_TOP_K = 2**31 - 1    # the kernels read top_k as int32; any larger k keeps every token anyway
@@ -147,45 +143,3 @@ def row_tensors(params: list[SamplingParams], device: torch.device | str) -> dic
         seed=torch.tensor([_to_int64(s) for s in seeds], device=device, dtype=torch.int64),
     )
 
-
-class SamplerState:
-    """Device tensors for one batch row: the kernel's inputs and the state it advances."""
-
-    def __init__(self, device: torch.device, history_capacity: int):
-        # The per-request scalars live in two small device buffers (the kernel sees 1-element views), so
-        # that a request's parameters arrive in two copies instead of eight launches.
-        off = SamplingParams()
-        self._floats = torch.tensor([off.temperature, off.top_p, off.min_p, off.repetition_penalty], device=device,
-                                    dtype=torch.float32)
-        self.temperature, self.top_p, self.min_p, self.repetition_penalty = (self._floats[i:i + 1] for i in range(4))
-        self._ints = torch.zeros(4, device=device, dtype=torch.int64)
-        self.seed, self.offset, self.history_len, top_k64 = (self._ints[i:i + 1] for i in range(4))
-        self._top_k64 = top_k64
-        self.top_k = torch.zeros(1, device=device, dtype=torch.int32)
-        self.history = torch.zeros(1, history_capacity, device=device, dtype=torch.int64)
-        self.out = torch.zeros(1, device=device, dtype=torch.int64)
-        pinned = torch.device(device).type == "cuda"
-        self._host_floats = torch.zeros(4, dtype=torch.float32, pin_memory=pinned)
-        self._host_ints = torch.zeros(4, dtype=torch.int64, pin_memory=pinned)
-        self._copied = torch.cuda.Event() if pinned else None
-
-    def reset(self, params: SamplingParams, prompt: torch.Tensor) -> None:
-        """Loads a request's parameters and its prompt (the history the repetition penalty sees)."""
-        seed = params.seed if params.seed is not None else secrets.randbits(64)
-        n = min(prompt.numel(), self.history.shape[1])
-        if self._copied is not None:
-            self._copied.synchronize()  # the last request's copies have left the staging buffers
-        self._host_floats.numpy()[:] = (params.temperature, params.top_p, params.min_p, params.repetition_penalty)
-        self._host_ints.numpy()[:] = (_to_int64(seed), 0, n, params.top_k)
-        self._floats.copy_(self._host_floats, non_blocking=True)
-        self._ints.copy_(self._host_ints, non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
-        self.top_k.copy_(self._top_k64)  # the kernel reads top_k as int32
-        self.history[0, :n].copy_(prompt[:n], non_blocking=True)
-
-    def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [1, V] -> the token in self.out [1] (int64), with the state advanced."""
-        _C.sample(logits, self.history, self.history_len, self.temperature, self.top_k, self.top_p, self.min_p,
-                  self.repetition_penalty, self.seed, self.offset, self.out, True)
-        return self.out

@@ -12,8 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hjcg.sampling import SamplerState
-
 _MASK32 = 0xFFFFFFFF
 _ROUNDS = 10
 _MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)  # of counter words 0 and 2
@@ -141,12 +139,6 @@ def sample_rows(logits: torch.Tensor, history: torch.Tensor, history_len: torch.
     _advance(torch.where(temperature > 0, sampled, greedy), out, offset, history, history_len, length,
              append_to_history)
     return out
-
-
-def torch_sample(logits: torch.Tensor, st: SamplerState) -> torch.Tensor:
-    """logits [1, V] -> the token in st.out [1], with the state advanced (as SamplerState.sample)."""
-    return sample_rows(logits, st.history, st.history_len, st.temperature, st.top_k, st.top_p, st.min_p,
-                       st.repetition_penalty, st.seed, st.offset, st.out, True)
 
 
 def torch_pad(prompt: torch.Tensor, start: int, pad_id: int, ids: torch.Tensor, positions: torch.Tensor,

@@ -164,20 +164,23 @@ def test_out_of_range_values_mean_off_in_every_sampler():
 
 
 def test_the_graphs_mode_sampler_follows_the_requests_seed():
-    # the engine's state object, as the 'graphs' mode drives it: same seed, same tokens, whatever the
-    # global generator did in between; the same tokens as the fused kernel
-    from hjcg.sampling import SamplerState
-    from hjcg.torch_sampler import torch_sample
+    # the batch's sampler state as the 'graphs' mode drives it (the torch sampler): a seeded stream draws
+    # the same tokens whatever the global generator did in between, in any row, and the fused kernel's
+    from hjcg.row_sampler import RowSampler
 
     logits = torch.randn(20, 1, 5000) * 2
-    prompt = torch.tensor([1, 2, 3])
     params = SamplingParams(temperature=1.0, top_k=200, top_p=0.9, repetition_penalty=1.2, seed=42)
     runs = []
-    for step in (torch_sample, lambda x, st: st.sample(x), torch_sample):
-        state = SamplerState(torch.device("cpu"), 64)
-        state.reset(params, prompt)
+    for kernel, row in ((False, 0), (True, 0), (False, 2)):
+        state = RowSampler(torch.device("cpu"), 3, 64, kernel=kernel)
+        state.load(row, params, torch.tensor([1, 2, 3]))
         torch.rand(3)
-        runs.append([int(step(x, state)) for x in logits])
+        out = torch.zeros(1, dtype=torch.int64)
+        tokens = []
+        for x in logits:
+            state.sample(x, row, out)
+            tokens.append(int(out))
+        runs.append(tokens)
     assert runs[0] == runs[1] == runs[2]
 
 
