@@ -232,9 +232,10 @@ def test_refusals_and_finishes_are_logged_and_counted_by_the_status_sent(guarded
         with pytest.raises(grpc.RpcError):
             list(client.generate(text="x", top_p=2.0, request_id="guarded-invalid"))
         running = client.generate(max_new_tokens=400, request_id="guarded-running", **LONG)
-        waiting = client.generate(max_new_tokens=400, request_id="guarded-waiting", **LONG)
+        waiting = None
         try:
-            next(running)
+            next(running)  # running: the next one waits in the queue of one
+            waiting = client.generate(max_new_tokens=400, request_id="guarded-waiting", **LONG)
             deadline = time.monotonic() + 10
             while client.status().queue_depth < 1:
                 assert time.monotonic() < deadline
@@ -243,8 +244,9 @@ def test_refusals_and_finishes_are_logged_and_counted_by_the_status_sent(guarded
                 list(client.generate(max_new_tokens=4, request_id="guarded-full", **LONG))
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         finally:  # the queue must be empty for the next test
-            running.cancel()
-            waiting.cancel()
+            for call in (running, waiting):
+                if call is not None:
+                    call.cancel()
     expected = {"guarded-ok-0": "status=OK finish=length", "guarded-ok-1": "status=OK finish=length",
                 "guarded-invalid": "status=INVALID_ARGUMENT error=", "guarded-full": "status=RESOURCE_EXHAUSTED",
                 "guarded-running": "status=CANCELLED finish=cancelled",
