@@ -20,12 +20,13 @@ What each does (csrc/sampling_ref.h, step by step): the repetition penalty divid
 (lowest index on ties), else weights w = exp((logit - max) / temperature); top_k keeps the k largest
 weights (ties at the edge kept); top_p keeps the largest weights whose mass reaches top_p of the mass
 top_k kept (whole tie groups); min_p keeps the weights >= min_p times the largest; the draw is Philox
-(seed, draw counter), independent of the request's row in the batch. Floats must be finite. Non-canonical values never reach the samplers through
-this class; if passed to them directly, each sampler treats a value outside its filter's active range
-(top_k <= 0 or >= vocab, top_p <= 0 or >= 1, min_p <= 0, repetition_penalty <= 0 or == 1,
-temperature <= 0) as off, alike (csrc/sampling_params.h). The batch's sampler state, which feeds
-them per-row [B] tensors of these values, is hjcg.row_sampler.RowSampler (row_tensors builds the same
-tensors for tests and tools).
+(seed, draw counter), independent of the request's row in the batch. Floats must be finite.
+
+Non-canonical values never reach the samplers through this class; handed one directly, every sampler
+reads a value outside its filter's active range (top_k <= 0 or >= vocab, top_p <= 0 or >= 1,
+min_p <= 0, repetition_penalty <= 0 or == 1, temperature <= 0) as off (csrc/sampling_params.h).
+The batch's sampler state, which feeds them per-row [B] tensors of these values, is
+hjcg.row_sampler.RowSampler (row_tensors builds the same tensors for tests and tools).
 """
 from __future__ import annotations
 
