@@ -56,7 +56,7 @@ def render(results: Path) -> str:
            f"weights, greedy, EOS ignored. Floors measured in the same run: copy "
            f"{s['floors']['copy_TBps']:.2f} TB/s, fp16 matmul {s['floors']['matmul_TFLOPs']:.0f} TFLOP/s, decode floor "
            f"{m['floors']['decode_floor_ms']:.2f} ms/token. Data: [`{rel}/`]({rel}/) "
-           f"(summary.json, ttft.csv, decode.csv, raw*.json, profile.txt, gpu_tests.log).", ""]
+           f"(summary.json, ttft.csv, decode.csv, {_caller_files(s)}raw*.json, profile.txt, gpu_tests.log).", ""]
     out += _targets(m)
     out += ["**Time to first token, median ms (p99)**, prompt ids on the host to the first token id on the host:", ""]
     out.append("| system | " + " | ".join(str(n) for n in lengths) + " |")
@@ -93,6 +93,7 @@ def render(results: Path) -> str:
             cells = [f"{_ms(t[n]['median_ms'])} (+{_ms(t[n].get('overhead_ms'))})" for n in ("10", "100", "500")]
             out.append(f"| {label} | " + " | ".join(cells) +
                        f" | {_ms(d['median_ms'])} ({d.get('overhead_ms', 0):+.2f}) | {_ms(d['p99_ms'])} |")
+    out += _many_callers(s)
     if "bucket_sets" in m:
         out += ["", "**Graph coverage** (the paper's §9.2 table redone; its own method held ~14.4 GiB for 406 "
                 "lengths):", "", "| bucket set | graphs | warm-up s | graph MiB | TTFT median at 10 / 100 / 400 / 500 |",
@@ -113,9 +114,55 @@ def render(results: Path) -> str:
         out += ["", "**SmolLM2-135M shapes** (fp16): " + "; ".join(
             f"{name} TTFT(10) {_ms(e['ttft']['10']['median_ms'])} ms, decode {_ms(e['decode']['median_ms'])} ms/token"
             for name, e in sm.items() if "ttft" in e and "decode" in e) + "."]
-    out += ["", f"![TTFT]({rel}/ttft.png)", f"![decode]({rel}/decode.png)", f"![p99 against median]({rel}/p99_vs_median.png)",
-            f"![rolling cache]({rel}/cache_memory.png)"]
+    out += ["", f"![TTFT]({rel}/ttft.png)", f"![decode]({rel}/decode.png)", f"![p99 against median]({rel}/p99_vs_median.png)"]
+    if "rolling_cache" in m:
+        out.append(f"![rolling cache]({rel}/cache_memory.png)")
+    if s.get("concurrency", {}).get("streams"):
+        out.append(f"![concurrency]({rel}/concurrency.png)")
+    if s.get("open_loop", {}).get("rates"):
+        out.append(f"![open loop]({rel}/open_loop.png)")
     return "\n".join(out)
+
+
+def _caller_files(s: dict) -> str:
+    names = [name for key, name in (("concurrency", "concurrency.csv"), ("open_loop", "open_loop.csv"))
+             if "error" not in s.get(key, {"error": None})]
+    return "".join(f"{n}, " for n in names)
+
+
+def _many_callers(s: dict) -> list[str]:
+    """The concurrency, gRPC-overhead and open-loop tables, each only where the results have its section."""
+    out = []
+    c = s.get("concurrency", {})
+    if c.get("streams"):
+        out += ["", f"**Concurrency**: N clients over loopback gRPC, started together, each a {c.get('prompt_tokens')}-token "
+                f"prompt then {c.get('new_tokens')} tokens (EOS ignored); tokens/s of all streams together, latencies in "
+                "ms, inter-token intervals pooled over the streams; the last column, the most streams between their "
+                "first and last token at once, shows how many the server ran together:", "",
+                "| streams | tokens/s | inter-token median | inter-token p99 | TTFT median | TTFT p99 | peak in flight |",
+                "|---|---|---|---|---|---|---|"]
+        for n, e in c["streams"].items():
+            out.append(f"| {n} | {e['tokens_per_s']:.0f} | {_ms(e['itl_median_ms'])} | {_ms(e['itl_p99_ms'])} | "
+                       f"{_ms(e['ttft_median_ms'])} | {_ms(e['ttft_p99_ms'])} | {e.get('peak_streams_in_flight', '—')} |")
+    g = s.get("grpc_overhead", {})
+    if "ttft10_grpc_ms" in g and "ttft10_inproc_ms" in g:
+        out += ["", "**gRPC overhead** (one caller, the same engine in-process and through loopback gRPC, ms):", "",
+                "| | TTFT 10 median | inter-token median | inter-token p99 |", "|---|---|---|---|",
+                f"| in-process | {_ms(g['ttft10_inproc_ms'])} | {_ms(g['itl_median_inproc_ms'])} | "
+                f"{_ms(g.get('itl_p99_inproc_ms'))} |",
+                f"| gRPC (tcp) | {_ms(g['ttft10_grpc_ms'])} | {_ms(g.get('itl_median_grpc_ms'))} | "
+                f"{_ms(g['itl_p99_grpc_ms'])} |"]
+    o = s.get("open_loop", {})
+    if o.get("rates"):
+        lo, hi = o.get("prompt_range") or ["?", "?"], o.get("new_range") or ["?", "?"]
+        out += ["", f"**Open-loop load**: Poisson arrivals (seed {o.get('seed')}), prompts of {lo[0]}–{lo[1]} tokens, "
+                f"{hi[0]}–{hi[1]} new tokens, EOS ignored, through loopback gRPC (ms):", "",
+                "| requests/s | requests | completed | TTFT p50 | TTFT p99 | inter-token p50 | inter-token p99 | tokens/s |",
+                "|---|---|---|---|---|---|---|---|"]
+        for key, e in o["rates"].items():
+            out.append(f"| {key} | {e['requests']} | {e['completed']} | {_ms(e['ttft_p50_ms'])} | {_ms(e['ttft_p99_ms'])} | "
+                       f"{_ms(e['itl_p50_ms'])} | {_ms(e['itl_p99_ms'])} | {e['tokens_per_s']:.0f} |")
+    return out
 
 
 def update(readme: Path, section: str) -> str:

@@ -5,6 +5,7 @@ import csv
 import json
 from pathlib import Path
 
+from bench.callers import percentile, stream_figures
 from bench.common import summary
 
 
@@ -63,8 +64,9 @@ def build_summary(raw: dict) -> dict:
         if floors:
             floors = dict(floors, prefill_floor_ms=_int_keys(floors["prefill_floor_ms"]))
         entry = {"floors": floors, "systems": _ttft_table(m.get("systems", {}), floors)}
-        if "bucket_sets" in m:
-            entry["bucket_sets"] = m["bucket_sets"]
+        for key in ("bucket_sets", "profile"):
+            if key in m:
+                entry[key] = m[key]
         if "rolling_cache" in m:
             rc = m["rolling_cache"]
             tl = rc["timeline"]
@@ -95,7 +97,76 @@ def build_summary(raw: dict) -> dict:
                 if inproc.get("decode"):
                     dec["overhead_ms"] = dec["median_ms"] - inproc["decode"]["median_ms"]
                 s["grpc"][label] = {"ttft": ttft, "decode": dec}
+    for key, build in (("concurrency", concurrency_summary), ("grpc_overhead", grpc_overhead_summary),
+                       ("open_loop", open_loop_summary)):
+        if key in raw:
+            s[key] = build(raw[key]) if "error" not in raw[key] else _error(raw[key])
     return s
+
+
+def _error(section: dict) -> dict:
+    return {k: section[k] for k in ("error", "model", "server", "server_log_tail") if k in section}
+
+
+def _context(section: dict) -> dict:
+    return {k: section[k] for k in ("model", "transport", "server") if k in section}
+
+
+def concurrency_summary(c: dict) -> dict:
+    """Per N: tokens/s (all tokens over the span from the first send to the last token, summed over the
+    rounds), TTFT over the streams and inter-token intervals pooled over every stream."""
+    streams = {}
+    for n, level in sorted(c["levels"].items(), key=lambda kv: int(kv[0])):
+        rounds = level["rounds"]
+        pooled = stream_figures([x for r in rounds for x in r])
+        per_round = [stream_figures(r) for r in rounds]
+        span = sum(f["span_s"] for f in per_round)
+        pooled["tokens_per_s"] = sum(f["tokens"] for f in per_round) / span if span else 0.0
+        pooled["span_s"] = span
+        pooled["peak_streams_in_flight"] = max(f["peak_streams_in_flight"] for f in per_round)
+        pooled["rounds"] = len(rounds)
+        streams[str(n)] = pooled
+    return {**_context(c), "prompt_tokens": c.get("prompt_tokens"), "new_tokens": c.get("new_tokens"),
+            "streams": streams}
+
+
+def grpc_overhead_summary(g: dict) -> dict:
+    out = {k: g[k] for k in ("model", "error") if k in g}
+    inproc, grpc = g.get("inproc"), g.get("grpc")
+    if inproc:
+        t, d = summary(inproc["ttft10"]), summary(inproc["decode"])
+        out.update(ttft10_inproc_ms=t["median_ms"], ttft10_inproc_p99_ms=t["p99_ms"],
+                   itl_median_inproc_ms=d["median_ms"], itl_p99_inproc_ms=d["p99_ms"],
+                   inproc_samples={"ttft": t["n"], "itl": d["n"]}, inproc_engine=inproc.get("engine"))
+    if grpc:
+        t, f = summary(grpc["ttft10"]), stream_figures(grpc["streams"])
+        out.update(ttft10_grpc_ms=t["median_ms"], ttft10_grpc_p99_ms=t["p99_ms"],
+                   itl_median_grpc_ms=f["itl_median_ms"], itl_p99_grpc_ms=f["itl_p99_ms"],
+                   grpc_samples={"ttft": t["n"], "itl": f["itl_samples"], "streams": f["streams"]})
+    if inproc and grpc:
+        out["ttft10_overhead_ms"] = out["ttft10_grpc_ms"] - out["ttft10_inproc_ms"]
+        out["itl_median_overhead_ms"] = out["itl_median_grpc_ms"] - out["itl_median_inproc_ms"]
+    if "server" in g:
+        out["server"] = g["server"]
+    return out
+
+
+def open_loop_summary(o: dict) -> dict:
+    rates = {}
+    for key, r in sorted(o["rates"].items(), key=lambda kv: float(kv[0])):
+        f = stream_figures(r["streams"])
+        lags = [x["send_ms"] - x["scheduled_ms"] for x in r["streams"]]
+        sends = [x["send_ms"] for x in r["streams"]]
+        rates[key] = {"rate": r["rate"], "requests": r["requests"], "completed": f["completed"], "errors": f["errors"],
+                      "ttft_p50_ms": f["ttft_median_ms"], "ttft_p99_ms": f["ttft_p99_ms"],
+                      "itl_p50_ms": f["itl_median_ms"], "itl_p99_ms": f["itl_p99_ms"],
+                      "tokens_per_s": f["tokens_per_s"], "tokens": f["tokens"], "span_s": f["span_s"],
+                      "offered_rps": (len(sends) - 1) / ((max(sends) - min(sends)) / 1e3) if len(sends) > 1 else 0.0,
+                      "send_lag_p99_ms": percentile(lags, 99), "send_lag_max_ms": max(lags, default=0.0),
+                      "peak_streams_in_flight": f["peak_streams_in_flight"],
+                      "ttft_samples": f["ttft_samples"], "itl_samples": f["itl_samples"]}
+    return {**_context(o), "prompt_range": o.get("prompt_range"), "new_range": o.get("new_range"),
+            "seed": o.get("seed"), "tail_s": o.get("tail_s"), "rates": rates}
 
 
 def write_tables(s: dict, out: Path) -> None:
@@ -120,6 +191,82 @@ def write_tables(s: dict, out: Path) -> None:
                     w.writerow([model, name, n, f"{d['median_ms']:.3f}", f"{d['mean_ms']:.3f}", f"{d['p99_ms']:.3f}", "", ""])
 
 
+def write_caller_tables(s: dict, out: Path) -> None:
+    f3 = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
+    c = s.get("concurrency", {}).get("streams")
+    if c:
+        with open(out / "concurrency.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["streams", "tokens_per_s", "itl_median_ms", "itl_p99_ms", "ttft_median_ms", "ttft_p99_ms",
+                        "completed", "peak_streams_in_flight"])
+            for n, e in c.items():
+                w.writerow([n, f3(e["tokens_per_s"]), f3(e["itl_median_ms"]), f3(e["itl_p99_ms"]),
+                            f3(e["ttft_median_ms"]), f3(e["ttft_p99_ms"]), e["completed"], e["peak_streams_in_flight"]])
+    o = s.get("open_loop", {}).get("rates")
+    if o:
+        with open(out / "open_loop.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["rate_per_s", "requests", "completed", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
+                        "tokens_per_s", "send_lag_max_ms"])
+            for key, e in o.items():
+                w.writerow([key, e["requests"], e["completed"], f3(e["ttft_p50_ms"]), f3(e["ttft_p99_ms"]),
+                            f3(e["itl_p50_ms"]), f3(e["itl_p99_ms"]), f3(e["tokens_per_s"]), f3(e["send_lag_max_ms"])])
+
+
+def _log_axes(ax, xs: list[float], xlabel: str) -> None:
+    """Log-log axes with plain numbers: the x ticks at xs, no minor tick labels."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="ms")
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def plot_callers(s: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    device = s["environment"].get("device", "?")
+    commit = s["environment"].get("commit", "?")[:10]
+    c = s.get("concurrency", {}).get("streams")
+    if c:
+        ns = [int(n) for n in c]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+        left.plot(ns, [c[str(n)]["tokens_per_s"] for n in ns], marker="o", label="tokens/s, all streams")
+        left.set(xscale="log", xlabel="concurrent streams", ylabel="tokens/s")
+        left.set_xticks(ns, [str(n) for n in ns])
+        left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        for key, label, style in (("itl_median_ms", "inter-token median", "o-"), ("itl_p99_ms", "inter-token p99", "o--"),
+                                  ("ttft_median_ms", "TTFT median", "s-"), ("ttft_p99_ms", "TTFT p99", "s--")):
+            right.plot(ns, [c[str(n)][key] for n in ns], style, label=label)
+        _log_axes(right, ns, "concurrent streams")
+        fig.suptitle(f"{s['concurrency'].get('model', '')} through gRPC, N callers ({device}, {commit})")
+        left.grid(alpha=0.3)
+        left.legend(fontsize=8)
+        _save(fig, right, out / "concurrency.png", grid=True)
+    o = s.get("open_loop", {}).get("rates")
+    if o:
+        rates = [float(k) for k in o]
+        keys = list(o)
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+        for key, label, style in (("ttft_p50_ms", "p50", "o-"), ("ttft_p99_ms", "p99", "o--")):
+            left.plot(rates, [o[k][key] for k in keys], style, label=f"TTFT {label}")
+        for key, label, style in (("itl_p50_ms", "p50", "o-"), ("itl_p99_ms", "p99", "o--")):
+            right.plot(rates, [o[k][key] for k in keys], style, label=f"inter-token {label}")
+        for ax in (left, right):
+            _log_axes(ax, rates, "arrival rate (requests/s, Poisson)")
+        left.grid(alpha=0.3)
+        left.legend(fontsize=8)
+        lo, hi = s["open_loop"].get("prompt_range") or ("?", "?"), s["open_loop"].get("new_range") or ("?", "?")
+        fig.suptitle(f"Open-loop load: prompts {lo[0]}-{lo[1]} tokens, {hi[0]}-{hi[1]} new ({device}, {commit})")
+        _save(fig, right, out / "open_loop.png", grid=True)
+
+
 def _ttft_medians(entry: dict) -> tuple[list[int], list[float]]:
     xs = sorted(entry["ttft"])
     return xs, [entry["ttft"][x]["median_ms"] for x in xs]
@@ -140,7 +287,6 @@ def plot(s: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     m = s.get("llama2_7b")
     if not m:
@@ -148,6 +294,15 @@ def plot(s: dict, out: Path) -> None:
     device = s["environment"].get("device", "?")
     commit = s["environment"].get("commit", "?")[:10]
     systems = {k: v for k, v in m["systems"].items() if "ttft" in v}
+    if systems:
+        _plot_systems(m, systems, device, commit, out)
+    rc = m.get("rolling_cache")
+    if rc:
+        _plot_rolling_cache(rc, device, out)
+
+
+def _plot_systems(m: dict, systems: dict, device: str, commit: str, out: Path) -> None:
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, e in systems.items():
@@ -184,22 +339,26 @@ def plot(s: dict, out: Path) -> None:
     ax.set(xscale="log", yscale="log", xlabel="median (ms)", ylabel="p99 (ms)", title="Tail latency (TTFT, decode)")
     _save(fig, ax, out / "p99_vs_median.png", legend_size=7)
 
-    rc = m.get("rolling_cache")
-    if rc:
-        tl = rc["timeline"]
-        fig, ax = plt.subplots(figsize=(8, 4))
-        ax.plot([t["request"] for t in tl], [t["bytes"] / 2**20 for t in tl], label="graph cache bytes (MiB)")
-        ax.axhline(rc["budget_bytes"] / 2**20, color="r", linestyle="--", label="budget")
-        misses = [t for t in tl if not t["hit"]]
-        ax.scatter([t["request"] for t in misses], [t["bytes"] / 2**20 for t in misses], s=10, color="orange",
-                   label="capture")
-        ax.set(xlabel="request", ylabel="MiB", title=f"Rolling graph cache, random prompt lengths 1-2048 ({device})")
-        _save(fig, ax, out / "cache_memory.png")
+
+def _plot_rolling_cache(rc: dict, device: str, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tl = rc["timeline"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot([t["request"] for t in tl], [t["bytes"] / 2**20 for t in tl], label="graph cache bytes (MiB)")
+    ax.axhline(rc["budget_bytes"] / 2**20, color="r", linestyle="--", label="budget")
+    misses = [t for t in tl if not t["hit"]]
+    ax.scatter([t["request"] for t in misses], [t["bytes"] / 2**20 for t in misses], s=10, color="orange",
+               label="capture")
+    ax.set(xlabel="request", ylabel="MiB", title=f"Rolling graph cache, random prompt lengths 1-2048 ({device})")
+    _save(fig, ax, out / "cache_memory.png")
 
 
 def write_all(raw: dict, out: Path) -> dict:
     s = build_summary(raw)
     (out / "summary.json").write_text(json.dumps(s, indent=1, default=str))
     write_tables(s, out)
+    write_caller_tables(s, out)
     plot(s, out)
+    plot_callers(s, out)
     return s

@@ -12,13 +12,12 @@ import torch
 from bench.common import now
 from hjcg.config import EngineConfig
 from hjcg.engine import Engine, freeze_heap
-from hjcg.sampling import SamplingParams
-
-GREEDY = SamplingParams()
+from hjcg.requests import GenerationRequest, TokenOutput
 
 
 class HjcgSystem:
-    """hjcg's own runner (eager / compiled / graphs / hybrid) over the shared transformers model."""
+    """hjcg's engine (eager / compiled / graphs / hybrid) over the shared transformers model, driven through
+    its public API: Engine.generate of a greedy request with EOS ignored."""
 
     def __init__(self, loaded, mode: str, max_context: int = 4608, buckets=None, device: str = "cuda",
                  dtype: str = "float16", **config):
@@ -30,31 +29,42 @@ class HjcgSystem:
             settings["prefill_buckets"] = tuple(buckets)
         settings.update(config)
         self.engine = Engine(EngineConfig(**settings), loaded)
-        self.runner = self.engine.runner
         self.warm_report = self.engine.warm([]) if mode in ("graphs", "hybrid") else None
         freeze_heap()  # as the server does once loaded
         self.setup_s = now() - start
 
+    @staticmethod
+    def request(ids: list[int], new_tokens: int) -> GenerationRequest:
+        return GenerationRequest(prompt_ids=list(ids), max_new_tokens=new_tokens, ignore_eos=True)
+
     def ttft(self, ids: list[int]) -> float:
-        prompt = torch.tensor(ids, dtype=torch.int64)
+        """Prompt ids on the host to the first token id on the host (a one-token request)."""
         start = now()
-        steps = self.runner.generate(prompt, GREEDY)
-        next(steps)
-        elapsed = now() - start
-        steps.close()
+        events = self.engine.generate(self.request(ids, 1))
+        for event in events:
+            if isinstance(event, TokenOutput):
+                elapsed = now() - start
+                break
+        else:
+            raise RuntimeError("the engine finished without a token")
+        for _ in events:  # to the Finish: the stream leaves the batch
+            pass
         return elapsed
 
     def decode(self, ids: list[int], n: int) -> list[float]:
-        steps = self.runner.generate(torch.tensor(ids, dtype=torch.int64), GREEDY)
+        """The n intervals between n + 1 consecutive tokens of one stream, as they reach the host."""
         stamps = []
-        for _ in range(n + 1):
-            next(steps)
-            stamps.append(now())
-        steps.close()
+        for event in self.engine.generate(self.request(ids, n + 1)):
+            if isinstance(event, TokenOutput):
+                stamps.append(now())
         return [b - a for a, b in zip(stamps, stamps[1:])]
 
+    def graph_stats(self) -> dict:
+        return self.engine.graph_stats()
+
     def close(self) -> None:
-        del self.engine, self.runner
+        del self.engine
+        gc.unfreeze()  # freeze_heap hid the engine from the collector: its cycles would keep the KV pool
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -1,7 +1,13 @@
-"""Lab (GPU machine): does a prefill graph's replay time depend on the tokens it runs, through the power
-the tensor cores draw? Times bucket replays on all-pad input (what bench.bucket_sweep measures) and on
-random tokens (what a TTFT series runs), logs SM clock and board power with nvidia-smi, and profiles the
-432 bucket's kernels under sustained random-token load.
+"""Lab (GPU machine): does a prefill graph's time depend on the tokens it runs, through the power the
+tensor cores draw? Times TTFT series (Engine.generate of one token) of prompts that fill a bucket exactly,
+all pad tokens (id 0, what a bucket holds after warm-up) and random tokens (what a real prompt runs), logs
+SM clock and board power with nvidia-smi, and profiles the 432 bucket's kernels under sustained
+random-token load.
+
+Through the engine's public API only: each figure is a TTFT, the bucket's graph replay plus the host work
+around it, which is the same for pad and random prompts of one length, so the pad/random difference is
+the graph's. (The first version of this lab, bench/results/2026-11-22-h100-prefill-lab/, timed the bare
+replay with CUDA events.)
 
     python -m bench.lab.prefill_power OUT_DIR
 """
@@ -16,9 +22,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import cuda_time, environment
+from bench.common import environment
 from bench.systems import HjcgSystem
-from hjcg import _C
 from hjcg.random_models import random_llama
 
 BUCKETS = (208, 432, 512)
@@ -52,8 +57,7 @@ def main(out: Path) -> None:
     log_path = out / "smi.csv"
     smi = smi_log(log_path)
     loaded = random_llama("llama2-7b", torch.float16, "cuda", seed=0)
-    system = HjcgSystem(loaded, "hybrid", max_context=4608)
-    runner = system.runner
+    system = HjcgSystem(loaded, "hybrid", max_context=4608, max_batch=1)
     vocab = loaded.hf_model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     phases = []
@@ -67,31 +71,29 @@ def main(out: Path) -> None:
         print(f"{label:40s} {ms:7.3f} ms", flush=True)
         return ms
 
-    with torch.inference_mode():
-        for bucket in BUCKETS:
-            inp, key = runner._inputs(bucket), runner.prefill_key(bucket, True)
-            replay = lambda: runner.graphs.replay(key)
-            for label, ids in (("pad", torch.zeros(bucket, dtype=torch.int64)),
-                               ("random", torch.randint(3, vocab, (bucket,), generator=gen))):
-                _C.pad_prompt(ids.cuda(), 0, 0, inp.ids, inp.positions, inp.last_index, inp.seq_len)
-                phase(f"replay {bucket} {label} x200", lambda: cuda_time(replay, warmup=20, repeat=200) * 1e3)
-            n = {208: 200, 432: 400, 512: 500}[bucket]
-            prompt = torch.randint(3, vocab, (n,), generator=gen).tolist()
-            phase(f"ttft {n} (bucket {bucket}) x200",
-                  lambda: sorted(system.ttft(prompt) for _ in range(200))[100] * 1e3)
-        # kernels of the 432 bucket under sustained random-token load
-        inp, key = runner._inputs(432), runner.prefill_key(432, True)
-        _C.pad_prompt(torch.randint(3, vocab, (400,), generator=gen).cuda(), 0, 0, inp.ids, inp.positions,
-                      inp.last_index, inp.seq_len)
-        for _ in range(200):
-            runner.graphs.replay(key)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(20):
-                runner.graphs.replay(key)
-            torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70)
-        (out / "profile_432_random.txt").write_text(table)
-        print(table)
+    def median_ttft_ms(prompt: list[int], runs: int = 200) -> float:
+        for _ in range(20):
+            system.ttft(prompt)
+        return sorted(system.ttft(prompt) for _ in range(runs))[runs // 2] * 1e3
+
+    for bucket in BUCKETS:
+        for label, ids in (("pad", [0] * bucket),
+                           ("random", torch.randint(3, vocab, (bucket,), generator=gen).tolist())):
+            phase(f"ttft {bucket} {label} x200", lambda: median_ttft_ms(ids))
+        n = {208: 200, 432: 400, 512: 500}[bucket]
+        prompt = torch.randint(3, vocab, (n,), generator=gen).tolist()
+        phase(f"ttft {n} (bucket {bucket}) x200", lambda: median_ttft_ms(prompt))
+    # kernels of the 432 bucket under sustained random-token load
+    prompt = torch.randint(3, vocab, (400,), generator=gen).tolist()
+    for _ in range(200):
+        system.ttft(prompt)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            system.ttft(prompt)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="device_time_total", row_limit=15, max_name_column_width=70)
+    (out / "profile_432_random.txt").write_text(table)
+    print(table)
     time.sleep(0.5)
     smi.terminate()
     for p in phases:
