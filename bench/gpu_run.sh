@@ -2,6 +2,11 @@
 # One call on the GPU machine (bare, no registry): build the extension for sm_90, run the GPU tests,
 # run the benchmarks; everything lands under $OUT (logs, JSON, CSV, PNG).
 #   STAGES="build test bench" bash bench/gpu_run.sh
+# One device call runs at most 10 minutes: split the suite over calls into one $OUT, each a part, e.g.
+#   BENCH_ARGS="--sections llama7b,profile,buckets,cache,smollm,grpc --part a"  (~7 min)
+#   BENCH_ARGS="--sections grpc_overhead,concurrency,open_loop --part b"       (~4 min; STAGES=bench)
+# or a short run of the batch-1 figures and the many-callers sections in one call:
+#   BENCH_SYSTEMS=hybrid BENCH_ARGS="--sections llama7b,concurrency,grpc_overhead,open_loop"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/latest}

@@ -92,3 +92,11 @@ def test_default_buckets_are_the_choice_from_the_committed_sweep():
     sweep = json.loads((ROOT / "bench/results/2026-11-22-h100-sweep/bucket_sweep.json").read_text())
     replay_ms = {int(n): ms for n, ms in sweep["replay_ms"].items()}
     assert choose_buckets(replay_ms, len(DEFAULT_PREFILL_BUCKETS)) == DEFAULT_PREFILL_BUCKETS
+
+
+def test_a_flag_the_server_does_not_know_is_dropped_with_its_value():
+    from bench.server_proc import _drop
+
+    args = ["serve", "--model", "m", "--warm", "--max-batch", "32", "--queue-size", "128", "--x=1"]
+    assert _drop(args, ["--max-batch", "--x"]) == ["serve", "--model", "m", "--warm", "--queue-size", "128"]
+    assert _drop(args, ["--warm"]) == ["serve", "--model", "m", "--max-batch", "32", "--queue-size", "128", "--x=1"]
