@@ -40,7 +40,8 @@ class Plan:
                                       # each call runs in its own thread, so no arrival waits for a client
     open_loop_tail_s: float = 30.0    # calls still running this long after the last arrival are cut off
     seed: int = 0
-    engine: dict = field(default_factory=lambda: {"max_batch": 32})  # the in-process engine's settings
+    # the in-process engine's settings beyond `hjcg serve`'s defaults: what server_flags set
+    engine: dict = field(default_factory=lambda: {"max_batch": 32, "max_waiting": 128})
 
     @property
     def pool_size(self) -> int:
@@ -60,7 +61,8 @@ def smoke_plan() -> Plan:
     return Plan(model="random:tiny-gqa", device="cpu", vocab=1000, levels=(1, 2, 4), new_tokens=8,
                 warm_tokens=2, ttft_runs=5, itl_streams=2, inproc_decode_runs=1, rates={8: 6, 32: 8},
                 prompt_range=(10, 40), new_range=(4, 8), open_loop_workers=4, open_loop_tail_s=60.0,
-                engine={"max_batch": 32, "max_context": 4096})
+                server_flags=("--max-batch", "4", "--queue-size", "16"),
+                engine={"max_batch": 4, "max_waiting": 16})
 
 
 def _log(message: str) -> None:

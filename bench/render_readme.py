@@ -114,7 +114,8 @@ def render(results: Path) -> str:
         out += ["", "**SmolLM2-135M shapes** (fp16): " + "; ".join(
             f"{name} TTFT(10) {_ms(e['ttft']['10']['median_ms'])} ms, decode {_ms(e['decode']['median_ms'])} ms/token"
             for name, e in sm.items() if "ttft" in e and "decode" in e) + "."]
-    out += ["", f"![TTFT]({rel}/ttft.png)", f"![decode]({rel}/decode.png)", f"![p99 against median]({rel}/p99_vs_median.png)"]
+    out += ["", f"![TTFT]({rel}/ttft.png)", f"![decode]({rel}/decode.png)",
+            f"![p99 against median]({rel}/p99_vs_median.png)"]
     if "rolling_cache" in m:
         out.append(f"![rolling cache]({rel}/cache_memory.png)")
     if s.get("concurrency", {}).get("streams"):
@@ -135,15 +136,17 @@ def _many_callers(s: dict) -> list[str]:
     out = []
     c = s.get("concurrency", {})
     if c.get("streams"):
-        out += ["", f"**Concurrency**: N clients over loopback gRPC, started together, each a {c.get('prompt_tokens')}-token "
-                f"prompt then {c.get('new_tokens')} tokens (EOS ignored); tokens/s of all streams together, latencies in "
-                "ms, inter-token intervals pooled over the streams; the last column, the most streams between their "
-                "first and last token at once, shows how many the server ran together:", "",
+        out += ["", f"**Concurrency**: N clients over loopback gRPC, started together, each a "
+                f"{c.get('prompt_tokens')}-token prompt then {c.get('new_tokens')} tokens (EOS ignored); tokens/s of "
+                "all streams together, latencies in ms, inter-token intervals pooled over the streams; the last "
+                "column, the most streams between their first and last token at once, shows how many the server ran "
+                "together:", "",
                 "| streams | tokens/s | inter-token median | inter-token p99 | TTFT median | TTFT p99 | peak in flight |",
                 "|---|---|---|---|---|---|---|"]
         for n, e in c["streams"].items():
             out.append(f"| {n} | {e['tokens_per_s']:.0f} | {_ms(e['itl_median_ms'])} | {_ms(e['itl_p99_ms'])} | "
-                       f"{_ms(e['ttft_median_ms'])} | {_ms(e['ttft_p99_ms'])} | {e.get('peak_streams_in_flight', '—')} |")
+                       f"{_ms(e['ttft_median_ms'])} | {_ms(e['ttft_p99_ms'])} | "
+                       f"{e.get('peak_streams_in_flight', '—')} |")
     g = s.get("grpc_overhead", {})
     if "ttft10_grpc_ms" in g and "ttft10_inproc_ms" in g:
         out += ["", "**gRPC overhead** (one caller, the same engine in-process and through loopback gRPC, ms):", "",
@@ -155,13 +158,14 @@ def _many_callers(s: dict) -> list[str]:
     o = s.get("open_loop", {})
     if o.get("rates"):
         lo, hi = o.get("prompt_range") or ["?", "?"], o.get("new_range") or ["?", "?"]
-        out += ["", f"**Open-loop load**: Poisson arrivals (seed {o.get('seed')}), prompts of {lo[0]}–{lo[1]} tokens, "
-                f"{hi[0]}–{hi[1]} new tokens, EOS ignored, through loopback gRPC (ms):", "",
-                "| requests/s | requests | completed | TTFT p50 | TTFT p99 | inter-token p50 | inter-token p99 | tokens/s |",
-                "|---|---|---|---|---|---|---|---|"]
+        out += ["", f"**Open-loop load**: Poisson arrivals (seed {o.get('seed')}), prompts of {lo[0]}–{lo[1]} "
+                f"tokens, {hi[0]}–{hi[1]} new tokens, EOS ignored, through loopback gRPC (ms):", "",
+                "| requests/s | requests | completed | TTFT p50 | TTFT p99 | inter-token p50 | inter-token p99 "
+                "| tokens/s |", "|---|---|---|---|---|---|---|---|"]
         for key, e in o["rates"].items():
-            out.append(f"| {key} | {e['requests']} | {e['completed']} | {_ms(e['ttft_p50_ms'])} | {_ms(e['ttft_p99_ms'])} | "
-                       f"{_ms(e['itl_p50_ms'])} | {_ms(e['itl_p99_ms'])} | {e['tokens_per_s']:.0f} |")
+            out.append(f"| {key} | {e['requests']} | {e['completed']} | {_ms(e['ttft_p50_ms'])} | "
+                       f"{_ms(e['ttft_p99_ms'])} | {_ms(e['itl_p50_ms'])} | {_ms(e['itl_p99_ms'])} | "
+                       f"{e['tokens_per_s']:.0f} |")
     return out
 
 

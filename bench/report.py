@@ -241,7 +241,8 @@ def plot_callers(s: dict, out: Path) -> None:
         left.set(xscale="log", xlabel="concurrent streams", ylabel="tokens/s")
         left.set_xticks(ns, [str(n) for n in ns])
         left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        for key, label, style in (("itl_median_ms", "inter-token median", "o-"), ("itl_p99_ms", "inter-token p99", "o--"),
+        for key, label, style in (("itl_median_ms", "inter-token median", "o-"),
+                                  ("itl_p99_ms", "inter-token p99", "o--"),
                                   ("ttft_median_ms", "TTFT median", "s-"), ("ttft_p99_ms", "TTFT p99", "s--")):
             right.plot(ns, [c[str(n)][key] for n in ns], style, label=label)
         _log_axes(right, ns, "concurrent streams")

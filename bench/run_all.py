@@ -203,7 +203,9 @@ def run(out: Path, quick: bool = False, sections: tuple[str, ...] = (), systems:
 
             log("profile: start")
             results["llama2_7b"]["profile"] = profile_steps.run(loaded, out / "profile.txt")
-            log(f"profile: TTFT per bucket (ms) {results['llama2_7b']['profile']['ttft_per_bucket_ms']}")
+            prof = results["llama2_7b"]["profile"]
+            per_bucket = ", ".join(f"{b}: {ms:.2f}" for b, ms in prof["ttft_per_bucket_ms"].items())
+            log(f"profile: TTFT per bucket (ms) {per_bucket}; decode interval {prof['decode_interval_ms']:.2f} ms")
             save()
         if want("llama7b"):
             results["llama2_7b"]["systems"] = llama7b_systems(loaded, quick, systems)
