@@ -32,7 +32,7 @@ if [[ " $STAGES " == *" test "* ]]; then
   rc=${PIPESTATUS[0]}
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
-  python3 -m bench run --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60
+  python3 -m bench run --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log" | tail -60  # -a: the calls of a split run in one log
   rc=$(( rc | PIPESTATUS[0] ))
 fi
 # PACK=1: everything under $OUT in one archive (a device that returns a few files returns it whole)
