@@ -1,13 +1,26 @@
-// Weight-streaming GEMV for the decode step (one token): out[n] = residual[n] + scale * sum_k W[n, k] x'[k].
+// Weight-streaming GEMV for the decode step (B = 1..8 rows, one token per stream):
+//   out[b, n] = residual[b, n] + scale_b * sum_k W[n, k] x'[b, k].
 //   x' = x, or silu(gate[k]) * up[k] when the input is a fused gate/up row (the MLP's activation fused in);
-//   scale = 1, or 1 / rms(x) when `rms_eps` >= 0: the layer's RMSNorm fused in, its weight folded into W's
+//   scale_b = 1, or 1 / rms(x_b) when `rms_eps` >= 0: the layer's RMSNorm fused in, its weight folded into W's
 //   columns once at load time (FastLlama.fold_norm_weights), so the norm costs no pass and no barrier.
-// Every warp streams two rows with 16-byte loads, the next slice in flight while it sums this one; reads x
-// through L1 (a few KB against MBs of weights); no shared memory, no block barrier, no prologue, so the
-// weight stream starts at once. fp32 accumulation.
+// Every warp streams its weight rows once with 16-byte loads, the next slice in flight while it sums this one,
+// and applies them to all B input rows; it reads x through L1 (a few KB to a few hundred KB against MBs of
+// weights); no shared memory, no block barrier, no prologue, so the weight stream starts at once. fp32
+// accumulation.
+//
+// Batch invariance: row b's result is bit-identical whatever B is. Each (input row, weight row) pair has its
+// own accumulator, summed in the same order as the one-row kernel (per lane over k in steps of one 256-element
+// slice, then warp_sum); the norm's sum of squares likewise; the epilogue is the same expression. The kernel
+// is templated on the row count NB, and NB = 1 is the one-row kernel as it was (same loop, same epilogue).
+// With silu_mul and B > 1, silu(gate) * up is computed first, rounded to T exactly as the fused one-row path
+// rounds it, by a small kernel into a [B, K] buffer that the GEMV then reads as x: recomputing the activation
+// in every warp for every row would make the GEMV compute-bound (two MUFU ops per element and row).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+#include <limits>
 
 #include "cuda_utils.cuh"
 #include "ops.h"
@@ -22,15 +35,29 @@ constexpr int kWarpsPerBlock = 4;
 constexpr int kRowsPerWarp = 2;
 constexpr int kUnroll = 2;
 constexpr int kChunk = 32 * 8;  // elements one warp covers with one 16-byte load per lane
+constexpr int kMaxInputRows = 8;
+
+// Weight rows per warp for an NB-row call. Per 16-byte weight load a lane does 8 * NB FMAs whatever the rows
+// per warp, but the per-input-row work (x loads and conversions, the norm's sum of squares) is shared by the
+// warp's weight rows. A 3 TB/s stream leaves an SM about 300 issue slots per 1 KB slice of weights (at
+// 1.75 GHz); counted in the PTX of the loop, 2 rows per warp spend about 35% of them at NB = 2, 57% at 4,
+// 80% at 6 and 100% at 8 (with the norm), 4 rows per warp 61% at 6 and 78% at 8. So from 5 input rows on a
+// warp takes 4 weight rows, with at least 3 blocks per SM (12 warps, 48 KB of weights in flight) where the
+// registers allow. Estimates, not yet measured: bench/lab/gemv_rows.py times the chain.
+constexpr int kWideRowsPerWarp = 4;
+constexpr int kWideMinBlocksPerSm = 3;
+constexpr int rows_per_warp(int nb) { return nb <= 4 ? kRowsPerWarp : kWideRowsPerWarp; }
 
 template <typename T> struct Pair;
 template <> struct Pair<__half> {
   using type = __half2;
   static __device__ __forceinline__ float2 to_float2(__half2 v) { return __half22float2(v); }
+  static __device__ __forceinline__ __half2 from_float2(float a, float b) { return __floats2half2_rn(a, b); }
 };
 template <> struct Pair<__nv_bfloat16> {
   using type = __nv_bfloat162;
   static __device__ __forceinline__ float2 to_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+  static __device__ __forceinline__ __nv_bfloat162 from_float2(float a, float b) { return __floats2bfloat162_rn(a, b); }
 };
 
 template <typename T>
@@ -43,6 +70,16 @@ __device__ __forceinline__ void unpack8(const uint4& v, float* out) {
     out[2 * i] = f.x;
     out[2 * i + 1] = f.y;
   }
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const float* in) {
+  using P = Pair<T>;
+  uint4 v;
+  auto* p = reinterpret_cast<typename P::type*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) p[i] = P::from_float2(in[2 * i], in[2 * i + 1]);
+  return v;
 }
 
 // The eight input values at k: x[k..k+8), or silu(gate) * up rounded to T as transformers rounds it.
@@ -62,102 +99,269 @@ __device__ __forceinline__ void load_input(const T* __restrict__ x, int64_t k, i
   }
 }
 
-template <typename T, bool kSiluMul>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32) gemv_kernel(
-    const T* __restrict__ x, const T* __restrict__ weight, int64_t k_dim, int64_t n_dim, float rms_eps,
-    const T* residual, T* out) {
+// One warp's rows: NB input rows x [NB, K] (or [NB, 2K], gate then up, with kSiluMul); out and residual
+// [NB, N]. kRows weight rows per warp. kNorm: the sum of squares is accumulated (the one-row kernel always
+// does; rms_eps < 0 then ignores it). Row n of out reads residual row n first, so residual may be out.
+template <typename T, bool kSiluMul, int NB, int kRows, bool kNorm>
+__device__ __forceinline__ void gemv_warp(const T* __restrict__ x, const T* __restrict__ weight, int64_t k_dim,
+                                          int64_t n_dim, float rms_eps, const T* residual, T* out) {
+  static_assert(NB >= 1 && NB * kRows <= 32, "one lane per output in the epilogue");
+  static_assert(NB == 1 || !kSiluMul, "several rows read a precomputed activation");
+  static_assert(NB > 1 || kNorm, "the one-row kernel always accumulates the sum of squares");
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp) * kRowsPerWarp;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp) * kRows;
   if (row0 >= n_dim) return;
-  const T* rows[kRowsPerWarp];
+  const T* rows[kRows];
 #pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) rows[r] = weight + min(row0 + r, n_dim - 1) * k_dim;
-  uint4 next[kUnroll][kRowsPerWarp];
+  for (int r = 0; r < kRows; ++r) rows[r] = weight + min(row0 + r, n_dim - 1) * k_dim;
+  uint4 next[kUnroll][kRows];
   auto load = [&](int64_t k0) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = k0 + u * kChunk;
 #pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r)
+      for (int r = 0; r < kRows; ++r)
         next[u][r] = k < k_dim ? __ldcs(reinterpret_cast<const uint4*>(rows[r] + k)) : make_uint4(0, 0, 0, 0);
     }
   };
-  float acc[kRowsPerWarp] = {};
-  float sum_sq = 0.f;
+  float acc[NB][kRows] = {};
+  float sum_sq[NB] = {};
+  const int64_t x_stride = kSiluMul ? 2 * k_dim : k_dim;
   constexpr int64_t kStep = kChunk * kUnroll;
   load(lane * 8);
   for (int64_t k0 = lane * 8; k0 < k_dim; k0 += kStep) {
-    uint4 w[kUnroll][kRowsPerWarp];
+    uint4 w[kUnroll][kRows];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) w[u][r] = next[u][r];
+      for (int r = 0; r < kRows; ++r) w[u][r] = next[u][r];
     if (k0 + kStep < k_dim) load(k0 + kStep);  // the next slice is in flight while this one is summed
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = k0 + u * kChunk;
       if (k >= k_dim) break;
-      float xv[8];
-      load_input<T, kSiluMul>(x, k, k_dim, xv);
+      if constexpr (NB == 1) {  // the one-row kernel's body
+        float xv[8];
+        load_input<T, kSiluMul>(x, k, k_dim, xv);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) sum_sq = fmaf(xv[i], xv[i], sum_sq);
+        for (int i = 0; i < 8; ++i) sum_sq[0] = fmaf(xv[i], xv[i], sum_sq[0]);
 #pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
-        float wv[8];
-        unpack8<T>(w[u][r], wv);
+        for (int r = 0; r < kRows; ++r) {
+          float wv[8];
+          unpack8<T>(w[u][r], wv);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc[r] = fmaf(wv[i], xv[i], acc[r]);
+          for (int i = 0; i < 8; ++i) acc[0][r] = fmaf(wv[i], xv[i], acc[0][r]);
+        }
+      } else {  // the weights converted once, then each input row; every sum in the one-row order
+        float wv[kRows][8];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) unpack8<T>(w[u][r], wv[r]);
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+          float xv[8];
+          load_input<T, kSiluMul>(x + b * x_stride, k, k_dim, xv);
+          if constexpr (kNorm) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) sum_sq[b] = fmaf(xv[i], xv[i], sum_sq[b]);
+          }
+#pragma unroll
+          for (int r = 0; r < kRows; ++r)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[b][r] = fmaf(wv[r][i], xv[i], acc[b][r]);
+        }
       }
     }
   }
-  float scale = 1.f;
-  if (rms_eps >= 0.f) scale = rsqrtf(warp_sum(sum_sq) / static_cast<float>(k_dim) + rms_eps);
+  if constexpr (NB == 1) {  // the one-row kernel's epilogue: lane 0 writes the warp's rows
+    float scale = 1.f;
+    if (kNorm && rms_eps >= 0.f) scale = rsqrtf(warp_sum(sum_sq[0]) / static_cast<float>(k_dim) + rms_eps);
 #pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    const float dot = warp_sum(acc[r]);
-    const int64_t row = row0 + r;
-    if (lane == 0 && row < n_dim) {
-      const float base = residual != nullptr ? to_float(residual[row]) : 0.f;
-      out[row] = from_float<T>(base + scale * dot);
+    for (int r = 0; r < kRows; ++r) {
+      const float dot = warp_sum(acc[0][r]);
+      const int64_t row = row0 + r;
+      if (lane == 0 && row < n_dim) {
+        const float base = residual != nullptr ? to_float(residual[row]) : 0.f;
+        out[row] = from_float<T>(base + scale * dot);
+      }
+    }
+  } else {
+    // The same sums and expression, one output per lane (lane = b * kRows + r), so the residual reads of the
+    // NB * kRows outputs are in flight together rather than one after another (residual may alias out).
+    float my_scale = 1.f, my_dot = 0.f;
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      float scale = 1.f;
+      if (kNorm && rms_eps >= 0.f) scale = rsqrtf(warp_sum(sum_sq[b]) / static_cast<float>(k_dim) + rms_eps);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const float dot = warp_sum(acc[b][r]);
+        if (lane == b * kRows + r) {
+          my_scale = scale;
+          my_dot = dot;
+        }
+      }
+    }
+    const int b = lane / kRows;
+    const int64_t row = row0 + lane % kRows;
+    if (b < NB && row < n_dim) {
+      const int64_t i = b * n_dim + row;
+      const float base = residual != nullptr ? to_float(residual[i]) : 0.f;
+      out[i] = from_float<T>(base + my_scale * my_dot);
     }
   }
+}
+
+// The entry points differ only in their launch bounds. gemv_kernel's are the one-row kernel's (ptxas schedules
+// even a no-op minimum of blocks per SM differently); the wide kernel (4 weight rows per warp) asks for
+// kWideMinBlocksPerSm blocks per SM, which caps its registers (NB = 8 with the norm: 174 -> 168).
+template <typename T, bool kSiluMul, int NB, int kRows, bool kNorm>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) gemv_kernel(
+    const T* __restrict__ x, const T* __restrict__ weight, int64_t k_dim, int64_t n_dim, float rms_eps,
+    const T* residual, T* out) {
+  gemv_warp<T, kSiluMul, NB, kRows, kNorm>(x, weight, k_dim, n_dim, rms_eps, residual, out);
+}
+
+template <typename T, int NB, bool kNorm>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, kWideMinBlocksPerSm) gemv_wide_kernel(
+    const T* __restrict__ x, const T* __restrict__ weight, int64_t k_dim, int64_t n_dim, float rms_eps,
+    const T* residual, T* out) {
+  gemv_warp<T, false, NB, kWideRowsPerWarp, kNorm>(x, weight, k_dim, n_dim, rms_eps, residual, out);
+}
+
+// act [B, K] = silu(gate) * up of gate_up [B, 2K], each value rounded to T as load_input<T, true> rounds it
+// (so the GEMV that reads act sums the very values the fused one-row kernel sums). One thread per 8 values.
+template <typename T>
+__global__ void silu_mul_rows_kernel(const T* __restrict__ gate_up, int64_t k_dim, int64_t vectors,
+                                     T* __restrict__ act) {
+  const int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (v >= vectors) return;
+  const int64_t per_row = k_dim / 8, b = v / per_row, k = (v - b * per_row) * 8;
+  float values[8];
+  load_input<T, true>(gate_up + b * 2 * k_dim, k, k_dim, values);
+  *reinterpret_cast<uint4*>(act + b * k_dim + k) = pack8<T>(values);
+}
+
+struct GemvArgs {
+  const void* x;
+  const void* weight;
+  int64_t k_dim, n_dim;
+  float rms_eps;
+  const void* residual;
+  void* out;
+};
+
+template <typename T, bool kSiluMul, int NB, int kRows, bool kNorm>
+void launch_gemv(const GemvArgs& a, cudaStream_t stream) {
+  constexpr int64_t rows_per_block = kWarpsPerBlock * kRows;
+  const int64_t blocks = (a.n_dim + rows_per_block - 1) / rows_per_block;
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "gemv: weight has too many rows (", a.n_dim, ")");
+  const auto run = [&](auto kernel) {
+    kernel<<<static_cast<int>(blocks), kWarpsPerBlock * 32, 0, stream>>>(
+        static_cast<const T*>(a.x), static_cast<const T*>(a.weight), a.k_dim, a.n_dim, a.rms_eps,
+        static_cast<const T*>(a.residual), static_cast<T*>(a.out));
+  };
+  if constexpr (kRows == kWideRowsPerWarp) run(gemv_wide_kernel<T, NB, kNorm>);
+  else run(gemv_kernel<T, kSiluMul, NB, kRows, kNorm>);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int NB>
+void launch_rows(const GemvArgs& a, cudaStream_t stream) {
+  constexpr int kRows = rows_per_warp(NB);
+  if (a.rms_eps >= 0.f) launch_gemv<T, false, NB, kRows, true>(a, stream);
+  else launch_gemv<T, false, NB, kRows, false>(a, stream);  // no sum of squares to accumulate
+}
+
+// x is [rows, K] (silu_mul: already the activation when rows > 1).
+template <typename T>
+void dispatch(const GemvArgs& a, int64_t rows, bool silu_mul, cudaStream_t stream) {
+  switch (rows) {
+    case 1:  // the one-row kernel, as measured: sum of squares always on, rms_eps < 0 ignores it
+      if (silu_mul) launch_gemv<T, true, 1, kRowsPerWarp, true>(a, stream);
+      else launch_gemv<T, false, 1, kRowsPerWarp, true>(a, stream);
+      return;
+    case 2: return launch_rows<T, 2>(a, stream);
+    case 3: return launch_rows<T, 3>(a, stream);
+    case 4: return launch_rows<T, 4>(a, stream);
+    case 5: return launch_rows<T, 5>(a, stream);
+    case 6: return launch_rows<T, 6>(a, stream);
+    case 7: return launch_rows<T, 7>(a, stream);
+    case 8: return launch_rows<T, 8>(a, stream);
+    default: TORCH_CHECK(false, "gemv: x must have 1 to ", kMaxInputRows, " rows, got ", rows);
+  }
+}
+
+template <typename T>
+void launch_silu_mul_rows(const torch::Tensor& gate_up, int64_t k_dim, const torch::Tensor& act, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int64_t vectors = gate_up.size(0) * (k_dim / 8);
+  const int64_t blocks = (vectors + kThreads - 1) / kThreads;
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "gemv: x is too large for the activation kernel");
+  silu_mul_rows_kernel<T><<<static_cast<int>(blocks), kThreads, 0, stream>>>(
+      reinterpret_cast<const T*>(gate_up.data_ptr()), k_dim, vectors, reinterpret_cast<T*>(act.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+bool aligned16(const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// Whether two contiguous tensors' bytes overlap.
+bool overlaps(const torch::Tensor& a, const torch::Tensor& b) {
+  const auto* pa = static_cast<const char*>(a.data_ptr());
+  const auto* pb = static_cast<const char*>(b.data_ptr());
+  return a.numel() > 0 && b.numel() > 0 && pa < pb + b.nbytes() && pb < pa + a.nbytes();
 }
 
 }  // namespace
 
 bool gemv_supported(const torch::Tensor& x, const torch::Tensor& weight) {
   const auto t = x.scalar_type();
-  return x.is_cuda() && (t == torch::kFloat16 || t == torch::kBFloat16) && x.dim() == 2 && x.size(0) == 1 &&
-         weight.dim() == 2 && x.size(1) % weight.size(1) == 0 && weight.size(1) % 8 == 0 &&
-         weight.scalar_type() == t && weight.is_contiguous() && x.is_contiguous();
+  if (!x.is_cuda() || (t != torch::kFloat16 && t != torch::kBFloat16) || x.dim() != 2 || x.size(0) < 1 ||
+      x.size(0) > kMaxInputRows || !x.is_contiguous() || weight.dim() != 2 || weight.scalar_type() != t ||
+      weight.device() != x.device() || !weight.is_contiguous())
+    return false;
+  const int64_t k_dim = weight.size(1);
+  return weight.size(0) > 0 && k_dim > 0 && k_dim % 8 == 0 && (x.size(1) == k_dim || x.size(1) == 2 * k_dim) &&
+         aligned16(x) && aligned16(weight);  // 16-byte loads
 }
 
 void gemv_cuda(const torch::Tensor& x, const torch::Tensor& weight, double rms_eps, bool silu_mul,
                const c10::optional<torch::Tensor>& residual, const torch::Tensor& out) {
-  TORCH_CHECK(gemv_supported(x, weight), "gemv: x must be one contiguous fp16/bf16 row and weight a contiguous "
-              "[N, K] of the same dtype with K % 8 == 0");
-  const int64_t k_dim = weight.size(1), n_dim = weight.size(0);
-  TORCH_CHECK(x.size(1) == (silu_mul ? 2 * k_dim : k_dim), "gemv: x must be [1, K] (or [1, 2K] with silu_mul)");
+  TORCH_CHECK(gemv_supported(x, weight), "gemv: x must be a contiguous fp16/bf16 [B, K] (or [B, 2K] with silu_mul) "
+              "with 1 <= B <= ", kMaxInputRows, " and weight a contiguous [N, K] of the same dtype and device, "
+              "K % 8 == 0, both 16-byte aligned; got x ", x.sizes(), " ", x.scalar_type(), " on ", x.device(),
+              ", weight ", weight.sizes(), " ", weight.scalar_type(), " on ", weight.device());
+  const int64_t rows = x.size(0), k_dim = weight.size(1), n_dim = weight.size(0);
+  TORCH_CHECK(x.size(1) == (silu_mul ? 2 * k_dim : k_dim), "gemv: x must be [B, ", silu_mul ? 2 * k_dim : k_dim,
+              "] (", silu_mul ? "[gate, up] with silu_mul" : "K, as weight's columns", "), got ", x.sizes());
   TORCH_CHECK(!(silu_mul && rms_eps >= 0), "gemv: the norm and silu_mul do not combine");
-  TORCH_CHECK(out.is_contiguous() && out.numel() == n_dim && out.scalar_type() == x.scalar_type(), "gemv: out [1, N]");
-  if (residual) TORCH_CHECK(residual->numel() == n_dim && residual->is_contiguous() &&
-                                residual->scalar_type() == x.scalar_type(), "gemv: residual [1, N] of x's dtype");
+  TORCH_CHECK(out.device() == x.device() && out.scalar_type() == x.scalar_type() && out.is_contiguous() &&
+                  out.numel() == rows * n_dim,
+              "gemv: out must be a contiguous [B, N] = [", rows, ", ", n_dim, "] of x's dtype on x's device, got ",
+              out.sizes(), " ", out.scalar_type(), " on ", out.device());
+  TORCH_CHECK(!overlaps(out, x) && !overlaps(out, weight), "gemv: out must not overlap x or weight");
+  if (residual) {
+    TORCH_CHECK(residual->device() == x.device() && residual->scalar_type() == x.scalar_type() &&
+                    residual->is_contiguous() && residual->numel() == rows * n_dim,
+                "gemv: residual must be a contiguous [B, N] = [", rows, ", ", n_dim, "] of x's dtype on x's device, "
+                "got ", residual->sizes(), " ", residual->scalar_type(), " on ", residual->device());
+    TORCH_CHECK(residual->data_ptr() == out.data_ptr() || !overlaps(*residual, out),
+                "gemv: residual must be out itself (in place) or not overlap it");
+  }
   const c10::cuda::CUDAGuard guard(x.device());
-  constexpr int64_t rows_per_block = kWarpsPerBlock * kRowsPerWarp;
-  const int blocks = static_cast<int>((n_dim + rows_per_block - 1) / rows_per_block);
-  auto launch = [&](auto tag, auto silu) {
-    using T = decltype(tag);
-    gemv_kernel<T, decltype(silu)::value><<<blocks, kWarpsPerBlock * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(weight.data_ptr()), k_dim, n_dim,
-        static_cast<float>(rms_eps), residual ? reinterpret_cast<const T*>(residual->data_ptr()) : nullptr,
-        reinterpret_cast<T*>(out.data_ptr()));
-  };
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool half = x.scalar_type() == torch::kFloat16;
-  if (half && silu_mul) launch(__half{}, std::true_type{});
-  else if (half) launch(__half{}, std::false_type{});
-  else if (silu_mul) launch(__nv_bfloat16{}, std::true_type{});
-  else launch(__nv_bfloat16{}, std::false_type{});
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  GemvArgs args{x.data_ptr(), weight.data_ptr(), k_dim, n_dim, static_cast<float>(rms_eps),
+                residual ? residual->data_ptr() : nullptr, out.data_ptr()};
+  torch::Tensor act;  // with silu_mul and several rows: the activation, computed once for all warps
+  if (silu_mul && rows > 1) {
+    act = torch::empty({rows, k_dim}, x.options());
+    if (half) launch_silu_mul_rows<__half>(x, k_dim, act, stream);
+    else launch_silu_mul_rows<__nv_bfloat16>(x, k_dim, act, stream);
+    args.x = act.data_ptr();
+    silu_mul = false;
+  }
+  if (half) dispatch<__half>(args, rows, silu_mul, stream);
+  else dispatch<__nv_bfloat16>(args, rows, silu_mul, stream);
 }
 
 }  // namespace hjcg
