@@ -53,8 +53,11 @@ void rope_cache_cuda(const torch::Tensor& qkv, const torch::Tensor& cos, const t
                      const c10::optional<torch::Tensor>& norm_x, double eps);
 void silu_mul_cuda(const torch::Tensor& gate_up, const torch::Tensor& out, const c10::optional<torch::Tensor>& norm_x,
                    double eps);
-// One-token GEMV: out = residual + s * x' @ weight.T, x' = x or silu(gate) * up (silu_mul, x = [gate, up]),
-// s = 1 / rms(x) when rms_eps >= 0 (the norm's weight folded into weight's columns), else 1.
+// Decode GEMV for B = 1..8 rows (one token per stream): out [B, N] = residual + s * x' @ weight.T, per row b:
+// x'_b = x_b or silu(gate_b) * up_b (silu_mul, x [B, 2K] = [gate, up]), s_b = 1 / rms(x_b) when rms_eps >= 0
+// (the norm's weight folded into weight's columns), else 1. residual [B, N] may be out (in place). Row b's
+// result is bit-identical whatever B is. gemv_supported: x a contiguous fp16/bf16 [B, K] or [B, 2K] with
+// 1 <= B <= 8, weight a contiguous [N, K] of its dtype and device, K % 8 == 0, both 16-byte aligned.
 bool gemv_supported(const torch::Tensor& x, const torch::Tensor& weight);
 void gemv_cuda(const torch::Tensor& x, const torch::Tensor& weight, double rms_eps, bool silu_mul,
                const c10::optional<torch::Tensor>& residual, const torch::Tensor& out);

@@ -18,7 +18,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # place where it is faster than every longer one and serves enough lengths. Each graph holds ~0.15 MiB per
 # bucket token (Llama-2-7B): this set ~0.65 GiB.
 DEFAULT_PREFILL_BUCKETS = (48, 96, 128, 176, 208, 256, 288, 304, 336, 368, 384, 400, 432, 480, 512)
-DEFAULT_GRAPH_CACHE_ENTRIES = 24  # the default buckets, the decode graph and room for chunk graphs
+DEFAULT_GRAPH_CACHE_ENTRIES = 24  # the default buckets and a decode graph per batch bucket (1, 2, 4, ..., 32)
 
 
 @dataclass(slots=True)

@@ -26,7 +26,7 @@ from hjcg.model_runner import EagerRunner
 from hjcg.requests import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Finish,  # noqa: F401
                            GenerationRequest, RequestError, TokenOutput)
 from hjcg.scheduler import QueueFull, Scheduler
-from hjcg.sequence import Sequence, Sink
+from hjcg.sequence import Sequence, Sink, Status
 
 
 def freeze_heap() -> None:
@@ -247,6 +247,21 @@ class Engine:
             seq.cancel()
         self._work.set()
 
+    def abort_all(self) -> None:
+        """Drops every stream without a Finish (engine thread, after a failed step): the caller tells
+        their clients. Frees their blocks and idles every row."""
+        with self._lock:
+            streams = list(self._inbox) + list(self.scheduler.waiting) + list(self.scheduler.running)
+            self._inbox.clear()
+            self._queued = 0
+        self.scheduler.waiting.clear()
+        for seq in streams:
+            seq.status = Status.FINISHED
+        rows = len(self.scheduler.running)
+        self.scheduler.retire_finished()
+        self.runner.compact([], rows)
+        self._pending.clear()
+
     def generate(self, request: GenerationRequest, cancelled: Callable[[], bool] = lambda: False
                  ) -> Iterator[TokenOutput | Finish]:
         """Streams TokenOutputs, then one Finish, driving the engine on the caller's thread (in-process
@@ -275,7 +290,7 @@ class Engine:
         return {"running": running, "waiting": self._queued,
                 "batch_bucket": self.scheduler.bucket(running) if running else 0,
                 "kv_blocks_used": self.blocks.used_blocks, "kv_blocks_total": self.blocks.capacity_blocks,
-                "kv_block_size": self.blocks.block_size}
+                "kv_block_size": self.blocks.block_size, "kv_bytes_total": self.cache.nbytes}
 
     # --- status and graphs --------------------------------------------------------------------------------
 

@@ -10,12 +10,13 @@ from hjcg.native import _C
 
 class FusedCudaOps(LayerOps):
     """Needs a model whose norm weights are folded (FastLlama.fold_norm_weights): the layer's norms are
-    then a per-row scale, 1 / rms(x), applied inside the one-token GEMV (decode) or, for a prompt, by the
-    kernel after the GEMM (rope_cache, silu_mul), which reads x itself: no separate norm kernel."""
+    then a per-row scale, 1 / rms(x), applied inside the weight-streaming GEMV (1..8 rows: a decode step) or,
+    for more rows, by the kernel after the GEMM (rope_cache, silu_mul), which reads x itself: no separate norm
+    kernel."""
 
     @staticmethod
     def _norm_deferrable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-        # several rows (one row is the GEMV's), and rows the kernels read as 16-byte vectors
+        # more rows than the GEMV takes (1..8 rows are the GEMV's), and rows the kernels read as 16-byte vectors
         return not _C.gemv_supported(x, weight) and x.is_contiguous() and x.shape[-1] % (16 // x.element_size()) == 0
 
     @staticmethod
@@ -46,8 +47,8 @@ class FusedCudaOps(LayerOps):
 
     def norm_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                     weight: torch.Tensor) -> torch.Tensor:
-        if _C.gemv_supported(x, weight):  # one token: the norm is a scale inside the weight-streaming GEMV
-            out = torch.empty(1, weight.shape[0], device=x.device, dtype=x.dtype)
+        if _C.gemv_supported(x, weight):  # 1..8 rows: the norm is a per-row scale inside the weight-streaming GEMV
+            out = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
             _C.gemv(x, weight, eps, False, None, out)
             return out
         return self.rms_norm(x, norm_weight, eps) @ weight.t()
@@ -82,14 +83,14 @@ class FusedCudaOps(LayerOps):
 
     def residual_linear(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         h = h.contiguous()
-        if _C.gemv_supported(h, weight):  # one token: GEMV adding into x in place (row n reads x[n] first)
+        if _C.gemv_supported(h, weight) and x.is_contiguous():  # 1..8 rows: GEMV adding into x in place
             _C.gemv(h, weight, -1.0, False, x, x)
             return x
         # the residual add rides in the GEMM's epilogue (beta = 1, in place) instead of a separate kernel
         return x.addmm_(h, weight.t())
 
     def mlp_down(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        if _C.gemv_supported(gate_up, down):  # one token: SiLU-and-multiply read straight from gate_up
+        if _C.gemv_supported(gate_up, down) and x.is_contiguous():  # 1..8 rows: SiLU-and-multiply from gate_up
             _C.gemv(gate_up, down, -1.0, True, x, x)
             return x
         return self.residual_linear(x, self.silu_mul(gate_up), down)

@@ -24,6 +24,7 @@ from hjcg.kv_cache import TRASH_BLOCK, PagedKVCache
 from hjcg.llama import Attention, FastLlama, LayerOps, causal_self_attention, context_attention, paged_decode_attention
 from hjcg.row_sampler import RowSampler
 from hjcg.sampling import SamplingParams
+from hjcg.upload import upload
 
 HOST_RING = 4  # decode steps whose tokens may be on their way to the host at once
 
@@ -57,9 +58,9 @@ class EagerRunner:
         self.sampler = RowSampler(device, max_batch, max_positions, kernel=kernel_sampler)
         pinned = device.type == "cuda"
         self._host_tokens = torch.zeros(HOST_RING, max_batch, dtype=torch.int64, pin_memory=pinned)
-        self._host_table = torch.zeros(width, dtype=torch.int32, pin_memory=pinned)
+        self._host_first = torch.zeros(1, dtype=torch.int64, pin_memory=pinned)
         self._events = [torch.cuda.Event() for _ in range(HOST_RING)] if pinned else None
-        self._table_copied = torch.cuda.Event() if pinned else None
+        self._first_copied = torch.cuda.Event() if pinned else None
         self._launches = 0
         self._prompt_logits: torch.Tensor | None = None
 
@@ -75,27 +76,22 @@ class EagerRunner:
 
     def _load_table(self, row: int, blocks: list[int]) -> None:
         """tables[row] = the stream's blocks, the rest of the row the trash block (one copy)."""
-        if self._table_copied is not None:
-            self._table_copied.synchronize()  # the staging buffer's last copy has left
-        host = self._host_table.numpy()
-        host[:] = TRASH_BLOCK
+        host = [TRASH_BLOCK] * self.table_width
         host[:len(blocks)] = blocks
-        self.tables[row].copy_(self._host_table, non_blocking=True)
-        if self._table_copied is not None:
-            self._table_copied.record()
+        self.tables[row].copy_(upload(host, torch.int32, self.device))
 
     def set_blocks(self, updates: list[tuple[int, int, int]]) -> None:
         """(row, index, block) entries of the block tables, for streams that grew into new blocks."""
         if not updates:
             return
-        rows, index, blocks = zip(*updates)
-        self.tables[torch.tensor(rows), torch.tensor(index)] = torch.tensor(blocks, dtype=torch.int32).to(self.device)
+        packed = upload([v for update in updates for v in update], torch.int64, self.device).view(-1, 3)
+        self.tables.index_put_((packed[:, 0], packed[:, 1]), packed[:, 2].to(torch.int32))
 
     def compact(self, order: list[int], old_n: int) -> None:
         """Row i takes what row order[i] held; rows from len(order) up to old_n go idle."""
         m = len(order)
         if order != list(range(m)):
-            idx = torch.tensor(order, device=self.device)
+            idx = upload(order, torch.int64, self.device)
             for t in (self.tokens, self.positions, self.tables):
                 t[:m].copy_(t.index_select(0, idx))
             self.sampler.compact(idx)
@@ -109,7 +105,7 @@ class EagerRunner:
     def prefill(self, row: int, prompt: list[int], blocks: list[int], params: SamplingParams) -> None:
         """Runs a joining stream's prompt (its blocks already cover it), loads its row and samples its first
         token into tokens[row]; read it with first_token()."""
-        ids = torch.tensor(prompt, dtype=torch.int64).to(self.device)
+        ids = upload(prompt, torch.int64, self.device)
         self._load_table(row, blocks)
         logits = self._prefill(ids, row)
         self._prompt_logits = logits
@@ -133,11 +129,16 @@ class EagerRunner:
             attention = causal_self_attention()
         else:  # a later chunk of a long prompt also attends to the stream's earlier positions
             attention = context_attention(self.cache, self.cache.table_slots(table[None], end)[0], positions)
-        last = torch.tensor([end - start - 1], device=self.device)
+        last = upload([end - start - 1], torch.int64, self.device)
         return self.model.forward(ids[start:end], positions, slots, self.cache, attention, last, self.ops)
 
     def first_token(self, row: int) -> int:
-        return int(self.tokens[row])
+        """The token prefill sampled into tokens[row] (waits for it, releasing the GIL meanwhile)."""
+        self._host_first.copy_(self.tokens[row:row + 1], non_blocking=True)
+        if self._first_copied is not None:
+            self._first_copied.record()
+            self._first_copied.synchronize()
+        return int(self._host_first[0])
 
     # --- decode -----------------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import secrets
 import torch
 
 from hjcg.native import _C
+from hjcg.upload import upload
 from hjcg.sampling import SamplingParams
 
 
@@ -28,10 +29,6 @@ class RowSampler:
         self._ints = torch.zeros(3, rows, device=device, dtype=torch.int64)
         self.top_k = torch.zeros(rows, device=device, dtype=torch.int32)
         self.history = torch.zeros(rows, history_capacity, device=device, dtype=torch.int64)
-        pinned = torch.device(device).type == "cuda"
-        self._host_floats = torch.zeros(4, dtype=torch.float32, pin_memory=pinned)
-        self._host_ints = torch.zeros(3, dtype=torch.int64, pin_memory=pinned)
-        self._copied = torch.cuda.Event() if pinned else None
 
     @property
     def rows(self) -> int:
@@ -39,19 +36,15 @@ class RowSampler:
 
     def load(self, row: int, params: SamplingParams, prompt: torch.Tensor) -> None:
         """Row `row` takes a new stream: its parameters, a fresh draw counter and its prompt as history
-        (prompt on the device)."""
+        (prompt on the device). The scalars travel through pinned memory: the host never waits."""
         seed = params.seed if params.seed is not None else secrets.randbits(64)
         n = min(prompt.numel(), self.history.shape[1])
-        if self._copied is not None:
-            self._copied.synchronize()  # the last load's copies have left the staging buffers
-        self._host_floats.numpy()[:] = (params.temperature, params.top_p, params.min_p, params.repetition_penalty)
-        self._host_ints.numpy()[:] = (_to_int64(seed), 0, n)
-        self._floats[:, row].copy_(self._host_floats, non_blocking=True)
-        self._ints[:, row].copy_(self._host_ints, non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
+        device = self.top_k.device
+        floats = [params.temperature, params.top_p, params.min_p, params.repetition_penalty]
+        self._floats[:, row].copy_(upload(floats, torch.float32, device))
+        self._ints[:, row].copy_(upload([_to_int64(seed), 0, n], torch.int64, device))
         self.top_k[row] = params.top_k
-        self.history[row, :n].copy_(prompt[:n], non_blocking=True)
+        self.history[row, :n].copy_(prompt[:n])
 
     def compact(self, order: torch.Tensor) -> None:
         """Row i takes what row order[i] held (order on the device, [m])."""

@@ -197,24 +197,46 @@ def test_fused_rope_and_cache_match_torch(dtype, tol, heads, kv_heads, dim, toke
     assert not caches[0].k[0].any()  # other layers untouched
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("k,n", [(4096, 12288), (11008, 4096), (576, 49152), (4096, 32000), (1536, 577), (8, 3)])
-def test_gemv_with_fused_norm_activation_and_residual_matches_torch(dtype, k, n):
-    x = torch.randn(1, k, device="cuda", dtype=dtype)
+def test_gemv_with_fused_norm_activation_and_residual_matches_torch(dtype, k, n, rows):
+    # one decode step of `rows` streams: each row its own scale (so its own norm), against float64 torch
+    scales = torch.linspace(0.5, 3.0, rows, device="cuda", dtype=dtype)[:, None]
+    x = torch.randn(rows, k, device="cuda", dtype=dtype) * scales
     w = torch.randn(n, k, device="cuda", dtype=dtype) * k ** -0.5
-    residual = torch.randn(1, n, device="cuda", dtype=dtype)
-    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+    residual = torch.randn(rows, n, device="cuda", dtype=dtype)
+    gate_up = torch.randn(rows, 2 * k, device="cuda", dtype=dtype)
+    assert _C.gemv_supported(x, w) and _C.gemv_supported(gate_up, w)
+    assert not _C.gemv_supported(torch.randn(9, k, device="cuda", dtype=dtype), w)  # 9 rows: the GEMM's
     tol = 2e-3 if dtype == torch.float16 else 1e-2
-    out = torch.full((1, n), float("nan"), device="cuda", dtype=dtype)
-    _C.gemv(x, w, 1e-5, False, None, out)  # the norm as a scale (its weight folded into w)
-    x64 = x.double()
-    normed = x64 * torch.rsqrt(x64.pow(2).mean() + 1e-5)
-    assert rel(out, normed @ w.double().t()) < tol
-    gate_up = torch.randn(1, 2 * k, device="cuda", dtype=dtype)
+
+    def close(out, expected):
+        for b in range(rows):  # row by row: a row mixed up with another, or missed, shows
+            assert _rel(out[b], expected[b]) < tol, b
+
+    def gemv(x, rms_eps, silu_mul, residual):  # in place into residual where given, as the layer runs it
+        out = residual if residual is not None else torch.full((len(x), n), float("nan"), device="cuda", dtype=dtype)
+        _C.gemv(x, w, rms_eps, silu_mul, residual, out)
+        return out
+
+    x64, w64 = x.double(), w.double()
+    normed = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)
+    close(gemv(x, 1e-5, False, None), normed @ w64.t())  # the norm as a scale (its weight folded into w)
+    close(gemv(x, -1.0, False, residual.clone()), residual.double() + x64 @ w64.t())
+    out = torch.full((rows, n), float("nan"), device="cuda", dtype=dtype)
+    _C.gemv(x, w, -1.0, False, residual, out)  # residual into a separate out
+    close(out, residual.double() + x64 @ w64.t())
     act = torch.nn.functional.silu(gate_up[:, :k]) * gate_up[:, k:]
-    expected = residual.double() + act.double() @ w.double().t()
-    _C.gemv(gate_up, w, -1.0, True, residual, residual)  # in place into the residual stream
-    assert rel(residual, expected) < tol
+    close(gemv(gate_up, -1.0, True, residual.clone()), residual.double() + act.double() @ w64.t())
+
+    # batch invariance: row b of a `rows`-row call is bit for bit the one-row call on row b alone
+    for args in ((x, 1e-5, False, None), (x, -1.0, False, residual), (gate_up, -1.0, True, residual)):
+        inp, rms_eps, silu_mul, res = args
+        batch = gemv(inp, rms_eps, silu_mul, None if res is None else res.clone())
+        for b in range(rows):
+            alone = gemv(inp[b:b + 1], rms_eps, silu_mul, None if res is None else res[b:b + 1].clone())
+            assert torch.equal(alone[0], batch[b]), (b, rms_eps, silu_mul)
 
 
 # The prompt path defers the RMSNorm past the GEMM (norm weights folded, so they are ones): the kernels

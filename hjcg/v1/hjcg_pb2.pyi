@@ -165,7 +165,7 @@ class GraphCacheStats(_message.Message):
     def __init__(self, entries: _Optional[int] = ..., max_entries: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., captures: _Optional[int] = ..., evictions: _Optional[int] = ..., capture_failures: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("model", "device", "engine_mode", "queue_depth", "running", "uptime_s", "version", "graph_cache", "max_prompt_tokens", "max_new_tokens")
+    __slots__ = ("model", "device", "engine_mode", "queue_depth", "running", "uptime_s", "version", "graph_cache", "max_prompt_tokens", "max_new_tokens", "max_batch", "batch_bucket", "kv_cache")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_MODE_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +176,9 @@ class StatusResponse(_message.Message):
     GRAPH_CACHE_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    BATCH_BUCKET_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_FIELD_NUMBER: _ClassVar[int]
     model: ModelInfo
     device: str
     engine_mode: str
@@ -186,7 +189,22 @@ class StatusResponse(_message.Message):
     graph_cache: GraphCacheStats
     max_prompt_tokens: int
     max_new_tokens: int
-    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., device: _Optional[str] = ..., engine_mode: _Optional[str] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., graph_cache: _Optional[_Union[GraphCacheStats, _Mapping]] = ..., max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+    max_batch: int
+    batch_bucket: int
+    kv_cache: KvCacheStats
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., device: _Optional[str] = ..., engine_mode: _Optional[str] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., graph_cache: _Optional[_Union[GraphCacheStats, _Mapping]] = ..., max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_batch: _Optional[int] = ..., batch_bucket: _Optional[int] = ..., kv_cache: _Optional[_Union[KvCacheStats, _Mapping]] = ...) -> None: ...
+
+class KvCacheStats(_message.Message):
+    __slots__ = ("blocks_used", "blocks_total", "block_size", "bytes_total")
+    BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    blocks_used: int
+    blocks_total: int
+    block_size: int
+    bytes_total: int
+    def __init__(self, blocks_used: _Optional[int] = ..., blocks_total: _Optional[int] = ..., block_size: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
 
 class WarmGraphsRequest(_message.Message):
     __slots__ = ("prompt_lengths",)

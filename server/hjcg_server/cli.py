@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 
+from hjcg import __version__
 from hjcg.config import DEFAULT_GRAPH_CACHE_ENTRIES, DEFAULT_PREFILL_BUCKETS, MODES, EngineConfig
 from hjcg_server.app import ServerOptions, default_threads, parse_listen_address, serve
 
@@ -40,6 +41,7 @@ def _port_number(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hjcg", description="hjcg: low-latency LLM inference over gRPC")
+    parser.add_argument("--version", action="version", version=f"hjcg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="load a model and serve the hjcg.v1 gRPC API",
                        description="Load a model and serve the hjcg.v1 gRPC API.")
@@ -68,11 +70,22 @@ def _parser() -> argparse.ArgumentParser:
                    help="tokens generated when a request does not say (default: %(default)s)")
     s.add_argument("--queue-size", type=int, default=64,
                    help="requests that may wait; more get RESOURCE_EXHAUSTED (default: %(default)s)")
+    s.add_argument("--max-batch", type=_at_least_one, default=32, metavar="N",
+                   help="streams decoded together at most; decode graphs are captured for batch sizes 1, 2, 4, ... "
+                   "up to N (default: %(default)s)")
+    s.add_argument("--kv-cache-gib", type=float, default=0.0, metavar="GIB",
+                   help="KV-cache pool size in GiB (default: 0, meaning a share of the GPU memory free after loading "
+                   "the weights, see the next flag; 1 GiB on the CPU)")
+    s.add_argument("--kv-cache-fraction", type=float, default=0.5, metavar="F",
+                   help="share of the GPU memory free after loading the weights that the KV cache takes when no size in GiB "
+                   "is given (default: %(default)s)")
+    s.add_argument("--kv-block-size", type=_at_least_one, default=16, metavar="TOKENS",
+                   help="tokens per KV-cache block (default: %(default)s)")
     s.add_argument("--graph-budget-mib", type=int, default=1024,
                    help="GPU memory for cached prefill graphs (default: %(default)s)")
     s.add_argument("--graph-max-entries", type=int, default=DEFAULT_GRAPH_CACHE_ENTRIES,
                    help=f"graphs the cache may hold (the default set: {len(DEFAULT_PREFILL_BUCKETS)} prefill buckets "
-                   "and the decode graph) (default: %(default)s)")
+                   "and a decode graph per batch bucket) (default: %(default)s)")
     s.add_argument("--warm", action="store_true", help="capture the default CUDA graphs before serving")
     s.add_argument("--grace", type=float, default=30.0,
                    help="seconds running requests get to finish on SIGTERM (default: %(default)s)")
@@ -109,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model, device=args.device, dtype=args.dtype, mode=args.mode, max_context=args.max_context,
             max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
             default_max_new_tokens=args.default_max_new_tokens,
-            graph_cache_max_entries=args.graph_max_entries, graph_cache_max_bytes=args.graph_budget_mib << 20)
+            graph_cache_max_entries=args.graph_max_entries, graph_cache_max_bytes=args.graph_budget_mib << 20,
+            max_batch=args.max_batch, max_waiting=max(1, args.queue_size), kv_cache_gib=args.kv_cache_gib,
+            kv_cache_fraction=args.kv_cache_fraction, kv_block_size=args.kv_block_size)
         options = ServerOptions(
             engine=engine, listen=args.listen or [DEFAULT_LISTEN], queue_size=args.queue_size,
             grace_s=args.grace, warm=args.warm, auth_token=_auth_token(args.auth_token_file),

@@ -26,6 +26,9 @@ class Metrics:
         self.status = Counter("hjcg_requests_by_status", "Generate RPCs by gRPC status code", ["code"], registry=r)
         self.waiting = Gauge("hjcg_num_requests_waiting", "Requests waiting in the queue", registry=r)
         self.running = Gauge("hjcg_num_requests_running", "Requests being generated", registry=r)
+        self.batch_bucket = Gauge("hjcg_batch_bucket", "Batch size of the decode graph serving the running requests",
+                                  registry=r)
+        self.kv_usage = Gauge("hjcg_kv_cache_usage_ratio", "Fraction of the KV cache's blocks in use", registry=r)
         self.graph_captures = Gauge("hjcg_graph_cache_captures", "CUDA graphs captured", registry=r)
         self.graph_hits = Gauge("hjcg_graph_cache_hits", "CUDA graph cache hits (replays of a cached graph)", registry=r)
         self.graph_evictions = Gauge("hjcg_graph_cache_evictions", "CUDA graphs evicted", registry=r)
@@ -36,8 +39,10 @@ class Metrics:
 
     def watch(self, worker, engine) -> None:
         """Gauges read the worker's queue and the graph cache at scrape time, never a stale copy."""
-        self.waiting.set_function(lambda: worker.queue_depth)
-        self.running.set_function(lambda: worker.running)
+        self.waiting.set_function(lambda: engine.stats()["waiting"])
+        self.running.set_function(lambda: engine.stats()["running"])
+        self.batch_bucket.set_function(lambda: engine.stats()["batch_bucket"])
+        self.kv_usage.set_function(lambda: engine.stats()["kv_blocks_used"] / max(1, engine.stats()["kv_blocks_total"]))
         for gauge, key in ((self.graph_captures, "captures"), (self.graph_hits, "hits"),
                            (self.graph_evictions, "evictions"), (self.graph_bytes, "bytes")):
             gauge.set_function(lambda key=key: engine.graph_stats().get(key, 0))

@@ -159,6 +159,8 @@ class HjcgServicer(pb_grpc.HjcgServicer):
             worker.submit(job)
         except QueueFull as e:
             self._refuse(context, job.request_id, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except RequestError as e:  # the KV cache could never hold this request
+            self._refuse(context, job.request_id, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Draining as e:
             self._refuse(context, job.request_id, grpc.StatusCode.UNAVAILABLE, str(e))
         # Registered once the job is in: a refused request has no second end to wait for.
@@ -208,7 +210,7 @@ class HjcgServicer(pb_grpc.HjcgServicer):
     @staticmethod
     def _usage(job: Job, finish: Finish) -> pb.Usage:
         return pb.Usage(prompt_tokens=finish.prompt_tokens, completion_tokens=finish.completion_tokens,
-                        queue_ms=job.queue_ms, ttft_ms=job.queue_ms + finish.ttft_ms,
+                        queue_ms=job.queue_ms, ttft_ms=finish.ttft_ms,
                         total_ms=(time.perf_counter() - job.received) * 1e3)
 
     def _finish(self, job: Job, finish: Finish) -> pb.GenerateResponse:
@@ -251,16 +253,20 @@ class HjcgServicer(pb_grpc.HjcgServicer):
 
     def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         engine, worker = self._ready(context, "Status", request)
-        stats = engine.graph_stats()
+        stats = engine.stats()
         return pb.StatusResponse(
             model=pb.ModelInfo(**engine.model_info()),
             device=engine.device_name(),
             engine_mode=engine.config.mode,
-            queue_depth=worker.queue_depth,
-            running=worker.running,
+            queue_depth=stats["waiting"],
+            running=stats["running"],
+            max_batch=engine.config.max_batch,
+            batch_bucket=stats["batch_bucket"],
+            kv_cache=pb.KvCacheStats(blocks_used=stats["kv_blocks_used"], blocks_total=stats["kv_blocks_total"],
+                                     block_size=stats["kv_block_size"], bytes_total=stats["kv_bytes_total"]),
             uptime_s=time.monotonic() - self.started,
             version=engine.version,
-            graph_cache=pb.GraphCacheStats(**stats),
+            graph_cache=pb.GraphCacheStats(**engine.graph_stats()),
             max_prompt_tokens=engine.config.max_prompt_tokens,
             max_new_tokens=engine.config.max_new_tokens,
         )

@@ -1,7 +1,9 @@
-"""The engine worker: the one thread that owns the model and the GPU, fed by a bounded FIFO queue.
+"""The engine worker: the one thread that owns the model and the GPU and drives the engine's steps.
 
-Generation jobs and control tasks (graph warm-up) run one at a time, in arrival order. A job's events
-(TokenOutput..., Finish, or an exception) go to its own queue, which the RPC thread drains.
+RPC threads submit generation jobs straight to the engine (its queue is bounded and keeps arrival
+order); the engine thread runs steps while there is work, each step serving every running stream, and
+runs control tasks (graph warm-up) between steps. A job's events (TokenOutput..., Finish, or an
+exception) go to its own queue, which the RPC thread drains: the engine thread never waits on a client.
 """
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from hjcg.engine import FINISH_CANCELLED, Engine, Finish, GenerationRequest
+from hjcg.engine import Engine, Finish, GenerationRequest
+from hjcg.scheduler import QueueFull as EngineQueueFull
+from hjcg.sequence import Sequence
 
 log = logging.getLogger("hjcg.worker")
 
@@ -25,19 +30,42 @@ class Draining(Exception):
     pass
 
 
+class CancelFlag:
+    """Set by the RPC layer when its client goes away; cancels the job's stream in the engine (which
+    ends it at its next step boundary)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._seq: Sequence | None = None
+
+    def attach(self, seq: Sequence) -> None:
+        self._seq = seq
+        if self._event.is_set():  # set before the stream existed
+            seq.cancel()
+
+    def set(self) -> None:
+        self._event.set()
+        if self._seq is not None:
+            self._seq.cancel()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
 @dataclass(eq=False)
 class Job:
     request: GenerationRequest
     request_id: str
     received: float = field(default_factory=time.perf_counter)
-    started: float | None = None
-    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel: CancelFlag = field(default_factory=CancelFlag)
     events: "queue.Queue[Any]" = field(default_factory=queue.Queue)
     rpc: Any = None  # the servicer's record of the RPC that submitted this job
+    seq: Sequence | None = None
 
     @property
     def queue_ms(self) -> float:
-        return ((self.started or time.perf_counter()) - self.received) * 1e3
+        """From arrival to joining the running batch (to now while it waits)."""
+        return self.seq.queue_ms if self.seq is not None else (time.perf_counter() - self.received) * 1e3
 
 
 @dataclass(eq=False)
@@ -52,10 +80,9 @@ class EngineWorker:
     def __init__(self, engine: Engine, queue_size: int, on_job_done: Callable[[Job, Finish | None], None] | None = None):
         self.engine = engine
         self.queue_size = queue_size
-        self._queue: "queue.Queue[Job | Task | None]" = queue.Queue()
         self._lock = threading.Lock()
-        self._waiting = 0
-        self._running = 0
+        self._jobs: set[Job] = set()        # submitted, not finished
+        self._tasks: deque[Task] = deque()
         self._draining = False
         self._stopping = False  # past the grace period: what is left ends as cancelled
         self._on_job_done = on_job_done
@@ -64,86 +91,97 @@ class EngineWorker:
 
     @property
     def queue_depth(self) -> int:
-        return self._waiting
+        return self.engine.stats()["waiting"]
 
     @property
     def running(self) -> int:
-        return self._running
+        return self.engine.stats()["running"]
 
     def submit(self, item: Job | Task) -> None:
+        """Queues a job or a task. Raises Draining, QueueFull, or hjcg's RequestError (a request the KV
+        cache could never hold)."""
         with self._lock:
             if self._draining:
                 raise Draining("the server is shutting down and takes no new requests")
-            if self._waiting >= self.queue_size:
-                raise QueueFull(f"the request queue is full ({self.queue_size} waiting); retry later")
-            self._waiting += 1
-        self._queue.put(item)
+            if isinstance(item, Task):
+                self._tasks.append(item)
+                self.engine.wake()
+                return
+            try:
+                item.seq = self.engine.submit(item.request, lambda event: self._deliver(item, event))
+            except EngineQueueFull as e:
+                raise QueueFull(str(e)) from None
+            self._jobs.add(item)
+        item.cancel.attach(item.seq)
+
+    def _deliver(self, job: Job, event) -> None:
+        """The engine's sink for one job (engine thread): hand the event to the RPC thread."""
+        job.events.put(event)
+        if isinstance(event, Finish):
+            with self._lock:
+                self._jobs.discard(job)
+            if self._on_job_done:
+                self._on_job_done(job, event)
+
+    def _busy(self) -> int:
+        with self._lock:
+            return len(self._jobs) + len(self._tasks)
 
     def stop_accepting(self) -> int:
-        """Refuses new work from now on; returns how many items are queued or running."""
+        """Refuses new work from now on; returns how many jobs and tasks are queued or running."""
         with self._lock:
             self._draining = True
-            return self._waiting + self._running
+        return self._busy()
 
     def drain(self, grace_s: float) -> bool:
         """Stops new work and waits for queued and running work; returns True when all of it finished."""
         self.stop_accepting()
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
-            if self._waiting == 0 and self._running == 0:
+            if self._busy() == 0:
                 return True
             time.sleep(0.02)
         return False
 
     def stop(self) -> None:
-        """Cancels whatever is left and ends the thread (after drain)."""
+        """Cancels whatever is left, lets those streams end, and ends the thread (after drain)."""
         with self._lock:
             self._draining = True
         self._stopping = True
-        self._queue.put(None)
+        self.engine.cancel_all()
         self._thread.join(timeout=30)
 
     def _loop(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            self._run_tasks()
+            if self.engine.has_work():
+                try:
+                    self.engine.step()
+                except Exception as e:  # a broken invariant: every stream in flight gets the error
+                    log.exception("an engine step failed; ending every running request")
+                    self._fail_all(e)
+            elif self._stopping:
                 return
+            else:
+                self.engine.wait_for_work(0.05)
+
+    def _run_tasks(self) -> None:
+        while self._tasks:
             with self._lock:
-                self._waiting -= 1
-                self._running += 1
+                task = self._tasks.popleft()
+            if self._stopping:
+                task.result.put(Draining("the server is shutting down"))
+                continue
             try:
-                if isinstance(item, Task):
-                    self._run_task(item)
-                else:
-                    self._run_job(item)
-            finally:
-                with self._lock:
-                    self._running -= 1
+                task.result.put(task.fn(self.engine))
+            except Exception as e:  # handed to the caller, who answers with a status
+                task.result.put(e)
 
-    def _run_task(self, task: Task) -> None:
-        if self._stopping:
-            task.result.put(Draining("the server is shutting down"))
-            return
-        try:
-            task.result.put(task.fn(self.engine))
-        except Exception as e:  # handed to the caller, who answers with a status
-            task.result.put(e)
-
-    def _run_job(self, job: Job) -> None:
-        job.started = time.perf_counter()
-        finish = None
-        stop = lambda: job.cancel.is_set() or self._stopping  # noqa: E731
-        if stop():
-            finish = Finish(FINISH_CANCELLED, "", len(job.request.prompt_ids), 0, 0.0, 0.0)
-            job.events.put(finish)
-        else:
-            try:
-                for event in self.engine.generate(job.request, stop):
-                    job.events.put(event)
-                    if isinstance(event, Finish):
-                        finish = event
-            except Exception as e:
-                log.exception("request %s failed", job.request_id)
-                job.events.put(e)
-        if self._on_job_done:
-            self._on_job_done(job, finish)
+    def _fail_all(self, error: Exception) -> None:
+        self.engine.abort_all()
+        with self._lock:
+            jobs, self._jobs = list(self._jobs), set()
+        for job in jobs:
+            job.events.put(error)
+            if self._on_job_done:
+                self._on_job_done(job, None)
