@@ -37,6 +37,11 @@ class EngineConfig:
     max_batch: int = 32               # streams decoded together at most (decode graphs per batch bucket up to it)
     max_waiting: int = 64             # requests that may wait for a row; more are refused (QueueFull)
     kv_block_size: int = 16           # tokens per KV-cache block
+    # Decode steps of up to this many rows run hjcg's GEMV, larger ones cuBLAS: measured on the H100 at
+    # Llama-2-7B (bench/results/2026-11-23-h100-batching-lab): the GEMV chain streams 2.81 TB/s at 1 row,
+    # 2.58 at 4 and 2.17 at 8, cuBLAS 2.57-2.65 at any of them; in the engine, 8 streams decode at 5.95
+    # ms/token with cuBLAS and 6.68 with the GEMV.
+    gemv_max_rows: int = 4
     kv_cache_gib: float = 0.0         # KV pool size; 0: kv_cache_fraction of free GPU memory (CUDA), 1 GiB (CPU)
     kv_cache_fraction: float = 0.5    # of the GPU memory free after loading the weights, when kv_cache_gib is 0
     cache_dir: str | None = None      # where converted GGUF weights are kept; None: ~/.cache/hjcg
@@ -66,6 +71,8 @@ class EngineConfig:
         if self.max_prompt_tokens >= self.max_context:
             raise ValueError("max_prompt_tokens must be smaller than max_context")
         self.default_max_new_tokens = min(self.default_max_new_tokens, self.max_new_tokens)
+        if not 0 <= self.gemv_max_rows <= 8:
+            raise ValueError("gemv_max_rows must be in [0, 8] (the GEMV takes at most 8 rows)")
         for name in ("max_batch", "max_waiting", "kv_block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

@@ -14,10 +14,15 @@ class FusedCudaOps(LayerOps):
     for more rows, by the kernel after the GEMM (rope_cache, silu_mul), which reads x itself: no separate norm
     kernel."""
 
-    @staticmethod
-    def _norm_deferrable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-        # more rows than the GEMV takes (1..8 rows are the GEMV's), and rows the kernels read as 16-byte vectors
-        return not _C.gemv_supported(x, weight) and x.is_contiguous() and x.shape[-1] % (16 // x.element_size()) == 0
+    def __init__(self, gemv_max_rows: int = 8):
+        self.gemv_max_rows = gemv_max_rows  # steps of more rows run cuBLAS GEMMs (see EngineConfig.gemv_max_rows)
+
+    def _norm_deferrable(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        # more rows than the GEMV takes, and rows the kernels read as 16-byte vectors
+        return not self._gemv(x, weight) and x.is_contiguous() and x.shape[-1] % (16 // x.element_size()) == 0
+
+    def _gemv(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return x.shape[0] <= self.gemv_max_rows and _C.gemv_supported(x, weight)
 
     @staticmethod
     def _rope_supported(model: FastLlama) -> bool:
@@ -47,7 +52,7 @@ class FusedCudaOps(LayerOps):
 
     def norm_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                     weight: torch.Tensor) -> torch.Tensor:
-        if _C.gemv_supported(x, weight):  # 1..8 rows: the norm is a per-row scale inside the weight-streaming GEMV
+        if self._gemv(x, weight):  # a decode step's rows: the norm is a per-row scale inside the weight-streaming GEMV
             out = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
             _C.gemv(x, weight, eps, False, None, out)
             return out
@@ -83,14 +88,14 @@ class FusedCudaOps(LayerOps):
 
     def residual_linear(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         h = h.contiguous()
-        if _C.gemv_supported(h, weight) and x.is_contiguous():  # 1..8 rows: GEMV adding into x in place
+        if self._gemv(h, weight) and x.is_contiguous():  # a decode step's rows: GEMV adding into x in place
             _C.gemv(h, weight, -1.0, False, x, x)
             return x
         # the residual add rides in the GEMM's epilogue (beta = 1, in place) instead of a separate kernel
         return x.addmm_(h, weight.t())
 
     def mlp_down(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        if _C.gemv_supported(gate_up, down) and x.is_contiguous():  # 1..8 rows: SiLU-and-multiply from gate_up
+        if self._gemv(gate_up, down) and x.is_contiguous():  # a decode step's rows: SiLU-and-multiply from gate_up
             _C.gemv(gate_up, down, -1.0, True, x, x)
             return x
         return self.residual_linear(x, self.silu_mul(gate_up), down)

@@ -75,10 +75,9 @@ class EagerRunner:
     # --- rows -------------------------------------------------------------------------------------------
 
     def _load_table(self, row: int, blocks: list[int]) -> None:
-        """tables[row] = the stream's blocks, the rest of the row the trash block (one copy)."""
-        host = [TRASH_BLOCK] * self.table_width
-        host[:len(blocks)] = blocks
-        self.tables[row].copy_(upload(host, torch.int32, self.device))
+        """tables[row] = the stream's blocks; the rest of the row is the trash block already (rows start
+        idle and go idle again in compact)."""
+        self.tables[row, :len(blocks)].copy_(upload(blocks, torch.int32, self.device))
 
     def set_blocks(self, updates: list[tuple[int, int, int]]) -> None:
         """(row, index, block) entries of the block tables, for streams that grew into new blocks."""

@@ -56,10 +56,12 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--streams", default="1,2,4,8,16,32")
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--gemv-max-rows", type=int, default=8)
     args = parser.parse_args()
     loaded = random_llama("llama2-7b", torch.float16, "cuda", seed=0)
     engine = Engine(EngineConfig(model=loaded.name, device="cuda", dtype="float16", max_context=4096,
-                                 max_prompt_tokens=4000, max_new_tokens=4000, kv_cache_gib=16), loaded)
+                                 max_prompt_tokens=4000, max_new_tokens=4000, kv_cache_gib=16,
+                                 gemv_max_rows=args.gemv_max_rows), loaded)
     report = {"warm": {k: v for k, v in engine.warm([]).items() if k != "graphs"}}
     freeze_heap()
     rng = random.Random(0)
@@ -79,7 +81,8 @@ def main() -> None:
         print(n, json.dumps(report["streams"][str(n)]), flush=True)
     report["device"] = torch.cuda.get_device_name()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "batch_decode.json").write_text(json.dumps(report, indent=1))
+    report["gemv_max_rows"] = args.gemv_max_rows
+    (args.out / f"batch_decode_gemv{args.gemv_max_rows}.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "streams"}))
 
 
