@@ -66,7 +66,7 @@ def run_system(make, prompts, ttft_runs, decode_tokens, decode_runs, results, ex
     torch.cuda.empty_cache()
 
 
-def long_context_decode(system: HjcgSystem, vocab: int, contexts=(1024, 2048, 4096), tokens: int = 64) -> dict:
+def long_context_decode(system: HjcgSystem, vocab: int, contexts=(1024, 2048, 4000), tokens: int = 64) -> dict:
     rng = random.Random(1)
     out = {}
     for n in contexts:

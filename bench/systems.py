@@ -19,7 +19,7 @@ class HjcgSystem:
     """hjcg's engine (eager / compiled / graphs / hybrid) over the shared transformers model, driven through
     its public API: Engine.generate of a greedy request with EOS ignored."""
 
-    def __init__(self, loaded, mode: str, max_context: int = 4608, buckets=None, device: str = "cuda",
+    def __init__(self, loaded, mode: str, max_context: int = 4096, buckets=None, device: str = "cuda",
                  dtype: str = "float16", **config):
         self.name = f"hjcg-{mode}"
         start = now()

@@ -29,6 +29,7 @@ log = logging.getLogger("hjcg.server")
 
 SERVICE_NAME = SERVICE.full_name
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+SWITCH_INTERVAL_S = 0.0002  # see HjcgServer.load
 # Keepalive: allow clients to ping every 10 s, even with no call in flight (matches hjcg_client).
 KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -282,6 +283,10 @@ class HjcgServer:
             log.info("warm-up: %s", report.get("message") or f"{len(report['graphs'])} graphs in "
                      f"{report['total_ms']:.0f} ms, {report['graph_bytes'] / 2**20:.1f} MiB")
         freeze_heap()  # a full collection during a request would land in its latency
+        # The engine thread holds the GIL for a fraction of a millisecond per step and each RPC thread for tens
+        # of microseconds per token; with Python's default 5 ms switch interval a thread woken by a token (or
+        # the engine thread woken by the GPU) could wait up to that long for the GIL behind a busy neighbour.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.worker = EngineWorker(engine, self.options.queue_size, on_job_done=self.servicer.job_done)
         self.servicer.attach(engine, self.worker)
         self.metrics.watch(self.worker, engine)
