@@ -30,10 +30,14 @@ class GraphCache {
   GraphCache(uint64_t max_entries, uint64_t max_bytes) : lru_(max_entries, max_bytes) {}
 
   // Replays the graph under `key` on the current stream; false (a miss) when there is none.
+  // The lookup holds the GIL (stats() may read the policy from another Python thread); the launch does not:
+  // cudaGraphLaunch takes ~0.2 ms of host time, during which the server's RPC threads can stream tokens.
   bool replay(const std::string& key) {
     auto graph = lru_.get(key);
     if (!graph) return false;
-    (*graph)->replay();
+    auto held = *graph;  // keeps the graph alive whatever happens to the cache meanwhile
+    py::gil_scoped_release no_gil;
+    held->replay();
     return true;
   }
 
