@@ -140,11 +140,14 @@ def test_torch_sampler_in_a_cuda_graph_draws_fresh_tokens_and_repeats_its_seeds(
 def test_graphs_mode_repeats_a_seeded_request():
     from hjcg.config import EngineConfig
     from hjcg.engine import Engine, GenerationRequest
+    from hjcg.random_models import random_llama
     from hjcg.sampling import SamplingParams
 
-    engine = Engine(EngineConfig(device="cuda", mode="graphs", max_context=512, max_prompt_tokens=256,
-                                 max_new_tokens=64, prefill_buckets=(32, 64)))
-    prompt = engine.encode_text("My favourite food is")
+    # random weights at the SmolLM2 shape: the GPU machine has no copy of the embedded model's package
+    loaded = random_llama("smollm2-135m", torch.float32, "cuda", seed=4)
+    engine = Engine(EngineConfig(model=loaded.name, device="cuda", mode="graphs", max_context=512,
+                                 max_prompt_tokens=256, max_new_tokens=64, prefill_buckets=(32, 64)), loaded)
+    prompt = [5, 6, 7, 8, 9]
 
     def tokens(seed: int) -> list[int]:
         params = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, seed=seed)
