@@ -110,8 +110,8 @@ class EagerRunner:
         self._prompt_logits = logits
         self.sampler.load(row, params, ids)
         self.sampler.sample(logits, row, self.tokens[row:row + 1])
-        self.positions[row] = len(prompt)
-        self.live[row] = 1
+        self.positions[row:row + 1].fill_(len(prompt))  # fills take the value as a kernel argument: no copy
+        self.live[row:row + 1].fill_(1)
 
     def _prefill(self, ids: torch.Tensor, row: int) -> torch.Tensor:
         """The prompt's last logits [1, V], its K/V written into the stream's blocks (tables[row])."""

@@ -43,7 +43,8 @@ class RowSampler:
         floats = [params.temperature, params.top_p, params.min_p, params.repetition_penalty]
         self._floats[:, row].copy_(upload(floats, torch.float32, device))
         self._ints[:, row].copy_(upload([_to_int64(seed), 0, n], torch.int64, device))
-        self.top_k[row] = params.top_k
+        # int32 from a Python int would be a synchronous pageable copy: the host would wait for the prefill
+        self.top_k[row:row + 1].copy_(upload([params.top_k], torch.int32, device))
         self.history[row, :n].copy_(prompt[:n])
 
     def compact(self, order: torch.Tensor) -> None:
