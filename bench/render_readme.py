@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RESULTS = ROOT / "bench/results/2026-11-22-h100-8391077"
+DEFAULT_RESULTS = ROOT / "bench/results/2026-11-23-h100-0407b3d"
 START, END = "<!-- perf:start (rendered by python -m bench.render_readme; do not edit) -->", "<!-- perf:end -->"
 SYSTEMS = ["hjcg-hybrid", "hjcg-graphs", "hjcg-compiled", "hjcg-eager", "hf-static-compile", "hf-eager", "seed-paper"]
 
@@ -52,7 +52,7 @@ def render(results: Path) -> str:
     floors = {int(k): v for k, v in m["floors"]["prefill_floor_ms"].items()}
     lengths = sorted(int(n) for n in systems["hjcg-hybrid"]["ttft"])
     out = [f"Measured on **{env['device']}** (torch {env['torch']}, CUDA {env['cuda']}), commit `{env['commit'][:10]}`, "
-           f"{env['date']}, following [BENCH_PROTOCOL](../shared/BENCH_PROTOCOL.md): Llama-2-7B shapes, fp16, random "
+           f"{env['date']}, following [the measurement protocol](docs/benchmarks.md): Llama-2-7B shapes, fp16, random "
            f"weights, greedy, EOS ignored. Floors measured in the same run: copy "
            f"{s['floors']['copy_TBps']:.2f} TB/s, fp16 matmul {s['floors']['matmul_TFLOPs']:.0f} TFLOP/s, decode floor "
            f"{m['floors']['decode_floor_ms']:.2f} ms/token. Data: [`{rel}/`]({rel}/) "

@@ -21,9 +21,6 @@ NOT_IN_REPOSITORY = {
     "example.js": "the file the README asks the reader to save its Node.js example in",
     "results.tgz": "written by bench/gpu_run.sh with PACK=1",
 }
-# links inside the section that `python -m bench.render_readme` writes (tests/test_readme.py keeps them equal)
-RENDERED = re.compile(r"<!-- perf:start.*?<!-- perf:end -->", re.S)
-PENDING_RENDER_FIX = "../shared/BENCH_PROTOCOL.md"
 
 
 def tracked_files() -> list[str]:
@@ -60,7 +57,7 @@ def exists(path: str, files: list[str]) -> bool:
 @pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(ROOT)) for d in DOCS])
 def test_relative_links_resolve_inside_the_repository(doc: Path):
     text = without_code(doc.read_text(encoding="utf-8"))
-    broken, pending = [], []
+    broken = []
     for match in LINK.finditer(text):
         target = match[1].split("#", 1)[0]
         if not target or re.match(r"[a-z]+:", target):  # an anchor, or http:, https:, mailto:
@@ -68,12 +65,8 @@ def test_relative_links_resolve_inside_the_repository(doc: Path):
         resolved = (doc.parent / target).resolve()
         if resolved.is_relative_to(ROOT) and resolved.exists():
             continue
-        in_rendered = any(m.start() <= match.start() < m.end() for m in RENDERED.finditer(text))
-        (pending if in_rendered and target == PENDING_RENDER_FIX else broken).append(target)
+        broken.append(target)
     assert not broken, f"{doc.name}: links to nothing in the repository: {broken}"
-    if pending:
-        pytest.xfail(f"{doc.name} links {pending}: bench/render_readme.py writes that link into the performance "
-                     "section; it must write docs/benchmarks.md (then re-render)")
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(ROOT)) for d in DOCS])

@@ -177,7 +177,8 @@ def test_cli_reports_errors_with_non_zero_exit(server):
 
 
 def test_queue_full_is_resource_exhausted():
-    s = ServerProcess("--queue-size", "1").wait_serving()
+    # one row in the batch and room for one request waiting for it: the third request is refused
+    s = ServerProcess("--queue-size", "1", "--max-batch", "1").wait_serving()
     try:
         with HjcgClient(s.tcp) as client:
             long = dict(text="Tell a long story.", max_new_tokens=60, ignore_eos=True)
