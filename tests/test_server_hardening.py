@@ -127,6 +127,17 @@ def test_no_open_network_warning_on_loopback(server):
     assert "without authentication" not in server.log_text()
 
 
+# --- 15: hjcg --version ----------------------------------------------------------------------------------------
+
+def test_hjcg_version_prints_the_package_version(capsys):
+    from hjcg import __version__
+    from hjcg_server.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"hjcg {__version__}"
+
+
 # --- 17: --help -----------------------------------------------------------------------------------------------
 
 def test_serve_help_shows_defaults_and_explains_every_option(capsys):
