@@ -24,7 +24,7 @@ def want_cuda() -> bool:
 
 
 def extension():
-    cpu_sources = [f"{CSRC}/bindings.cpp", f"{CSRC}/ops_cpu.cpp"]
+    cpu_sources = [f"{CSRC}/bindings.cpp", f"{CSRC}/ops_cpu.cpp", f"{CSRC}/registration.cpp"]
     cxx_flags = ["-O3", "-std=c++17"]
     if not want_cuda():
         return CppExtension("hjcg._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})

@@ -1,6 +1,6 @@
-// The Python module hjcg._C: sampling and padding operations, the LRU policy (holding Python objects,
-// so the policy is usable and testable without a GPU) and, where built with CUDA, the decode attention
-// kernel and the CUDA graph cache.
+// The Python module hjcg._C: the LRU policy (holding Python objects, so the policy is usable and testable
+// without a GPU) and, where built with CUDA, the decode kernels and the CUDA graph cache. The sampling and
+// padding ops are torch custom ops (registration.cpp), called as torch.ops.hjcg.sample / pad_prompt.
 #include <pybind11/stl.h>
 #include <torch/extension.h>
 
@@ -33,13 +33,7 @@ py::dict stats_dict(const hjcg::LruStats& s) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "hjcg native operations: fused sampling, prompt padding, LRU graph cache";
-  m.def("sample", &hjcg::sample, py::arg("logits"), py::arg("history"), py::arg("history_len"),
-        py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
-        py::arg("repetition_penalty"), py::arg("seed"), py::arg("offset"), py::arg("out"),
-        py::arg("append_to_history") = true);
-  m.def("pad_prompt", &hjcg::pad_prompt, py::arg("prompt"), py::arg("start_pos"), py::arg("pad_id"),
-        py::arg("input_ids"), py::arg("positions"), py::arg("last_index"), py::arg("seq_len"));
+  m.doc() = "hjcg native operations: LRU graph cache, CUDA kernels (sample and pad_prompt: torch.ops.hjcg)";
   m.def("philox_uniform", &hjcg::philox_uniform, py::arg("seed"), py::arg("offset"), py::arg("row"),
         "The uniform draw the sampler uses for (seed, offset, row); exposed for tests.");
 

@@ -114,7 +114,7 @@ class GraphRunner(EagerRunner):
             return super()._prefill_chunk(ids, start, end, row)
         bucket = self.bucket_for(end)
         inp = self._inputs(bucket)
-        pad = _C.pad_prompt if self.fused else torch_pad
+        pad = torch.ops.hjcg.pad_prompt if self.fused else torch_pad
         pad(ids[:end], 0, self.pad_id, inp.ids, inp.positions, inp.last_index, inp.seq_len)
         self.prefill_table.copy_(self.tables[row:row + 1])
         self._run_graph(prefill_key(bucket), lambda: self._prefill_fn(bucket))
@@ -191,7 +191,7 @@ class GraphRunner(EagerRunner):
                 graphs.append(self._graph_entry("prefill", bucket, None))
                 continue
             inp = self._inputs(bucket)
-            _C.pad_prompt(torch.zeros(1, dtype=torch.int64), 0, self.pad_id, inp.ids, inp.positions,
+            torch.ops.hjcg.pad_prompt(torch.zeros(1, dtype=torch.int64), 0, self.pad_id, inp.ids, inp.positions,
                           inp.last_index, inp.seq_len)
             self.prefill_table.zero_()
             report = self.graphs.capture(key, self._prefill_fn(bucket), warmup=1, pin=False)

@@ -23,7 +23,7 @@ from hjcg.block_manager import BlockManager
 from hjcg.config import EngineConfig, fit_to_model
 from hjcg.llama import FastLlama
 from hjcg.model_runner import EagerRunner
-from hjcg.requests import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Finish,  # noqa: F401
+from hjcg.requests import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Finish,  # noqa: F401 (re-exported)
                            GenerationRequest, RequestError, TokenOutput)
 from hjcg.scheduler import QueueFull, Scheduler
 from hjcg.sequence import Sequence, Sink, Status

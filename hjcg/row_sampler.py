@@ -10,7 +10,7 @@ import secrets
 
 import torch
 
-from hjcg.native import _C
+import hjcg.native  # noqa: F401  (registers torch.ops.hjcg)
 from hjcg.upload import upload
 from hjcg.sampling import SamplingParams
 
@@ -60,7 +60,7 @@ class RowSampler:
         f, i = self._floats[:, start:end], self._ints[:, start:end]
         args = (logits, self.history[start:end], i[2], f[0], self.top_k[start:end], f[1], f[2], f[3], i[0], i[1], out)
         if self.kernel:
-            _C.sample(*args, True)
+            torch.ops.hjcg.sample(*args, True)
         else:
             from hjcg.torch_sampler import sample_rows  # imports this module's neighbour hjcg.sampling
 

@@ -131,7 +131,7 @@ def _to_int64(seed: int) -> int:
 
 
 def row_tensors(params: list[SamplingParams], device: torch.device | str) -> dict[str, torch.Tensor]:
-    """The samplers' per-row [B] parameter tensors for B requests, keyed by _C.sample's argument names
+    """The samplers' per-row [B] parameter tensors for B requests, keyed by torch.ops.hjcg.sample's argument names
     (a row whose seed is None gets a fresh random one)."""
     seeds = [p.seed if p.seed is not None else secrets.randbits(64) for p in params]
     floats = dict(device=device, dtype=torch.float32)

@@ -1,7 +1,7 @@
 """The sampler in plain torch ops, graph-capturable (the 'graphs' ablation mode; no host sync).
 
 The same function as the fused kernel and its CPU reference (csrc/sampling_ref.h), step by step, on the
-same per-row [B] inputs as _C.sample and with the same side effects. The draw is the kernel's own
+same per-row [B] inputs as torch.ops.hjcg.sample and with the same side effects. The draw is the kernel's own
 Philox4x32-10 uniform (csrc/philox.h, sampler_uniform) for (seed, draw counter), computed with int64
 tensor ops on the device, so a seeded request draws the same tokens in every mode, in any row. Parameters are those of
 hjcg.sampling.SamplingParams; values outside a filter's active range are "off", as in
@@ -127,7 +127,7 @@ def _advance(token: torch.Tensor, out: torch.Tensor, offset: torch.Tensor, histo
 def sample_rows(logits: torch.Tensor, history: torch.Tensor, history_len: torch.Tensor, temperature: torch.Tensor,
                 top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, repetition_penalty: torch.Tensor,
                 seed: torch.Tensor, offset: torch.Tensor, out: torch.Tensor, append_to_history: bool) -> torch.Tensor:
-    """_C.sample in torch ops: logits [B, V] -> out [B] (int64), the state advanced alike."""
+    """torch.ops.hjcg.sample in torch ops: logits [B, V] -> out [B] (int64), the state advanced alike."""
     x = logits.float()
     length = history_len.clamp(0, history.shape[1])
     x = _penalized(x, history, length, repetition_penalty)

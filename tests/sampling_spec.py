@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from hjcg.native import _C
+import hjcg.native  # noqa: F401  (registers torch.ops.hjcg)
 from hjcg.sampling import SamplingParams, row_tensors
 from hjcg.torch_sampler import sample_rows
 
-# Every sampler takes _C.sample's arguments and has its side effects.
-SAMPLERS = {"kernel": _C.sample, "torch": sample_rows}
+# Every sampler takes torch.ops.hjcg.sample's arguments and has its side effects.
+SAMPLERS = {"kernel": torch.ops.hjcg.sample, "torch": sample_rows}
 
 
 def penalized(logits: torch.Tensor, history: list[int], penalty: float) -> torch.Tensor:
@@ -55,10 +55,10 @@ def target_distribution(logits: torch.Tensor, temperature: float, top_k: int = 0
 
 
 class KernelRow:
-    """One-row inputs for _C.sample on a device, with the history the kernel appends to."""
+    """One-row inputs for torch.ops.hjcg.sample on a device, with the history the kernel appends to."""
 
     def __init__(self, device="cpu", temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, penalty=1.0, seed=0,
-                 history=(), capacity=64, sampler=_C.sample):
+                 history=(), capacity=64, sampler=torch.ops.hjcg.sample):
         self.sampler = sampler
         f = dict(device=device, dtype=torch.float32)
         self.temperature = torch.tensor([temperature], **f)

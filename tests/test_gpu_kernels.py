@@ -23,7 +23,7 @@ def batch_rows(n, device, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, penalt
 
 
 def sample(logits, rows, append=False):
-    _C.sample(logits, rows["history"], rows["history_len"], rows["temperature"], rows["top_k"], rows["top_p"],
+    torch.ops.hjcg.sample(logits, rows["history"], rows["history_len"], rows["temperature"], rows["top_k"], rows["top_p"],
               rows["min_p"], rows["repetition_penalty"], rows["seed"], rows["offset"], rows["out"], append)
     return rows["out"]
 
@@ -100,7 +100,7 @@ def test_padding_matches_cpu():
         for device in ("cpu", "cuda"):
             bufs = [torch.full((bucket,), -3, dtype=torch.int64, device=device) for _ in range(2)]
             bufs += [torch.full((1,), -3, dtype=torch.int64, device=device) for _ in range(2)]
-            _C.pad_prompt(prompt, start, 2, *bufs)
+            torch.ops.hjcg.pad_prompt(prompt, start, 2, *bufs)
             outs[device] = [b.cpu() for b in bufs]
         for a, b in zip(outs["cpu"], outs["cuda"]):
             assert torch.equal(a, b)

@@ -50,7 +50,7 @@ def test_out_of_range_values_mean_off_on_cuda():
                repetition_penalty=torch.ones(32))
     for _ in range(10):
         raw = random_batch(rng, 32, 1000, raw_off=True)
-        expected = Batch(raw.logits, dict(raw.params, **off), raw.history, raw.history_len, raw.offset).run(_C.sample)
+        expected = Batch(raw.logits, dict(raw.params, **off), raw.history, raw.history_len, raw.offset).run(torch.ops.hjcg.sample)
         for name, fn in SAMPLERS.items():
             got = raw.run(fn, "cuda")["out"]
             assert (got == expected["out"]).double().mean() >= 0.98, name
@@ -69,7 +69,7 @@ def test_penalised_ties_break_like_the_cpu_reference():
                   min_p=torch.zeros(n), repetition_penalty=penalty, seed=torch.zeros(n, dtype=torch.int64))
     batch = Batch(logits, params, torch.zeros(n, 1, dtype=torch.int64), torch.ones(n, dtype=torch.int64),
                   torch.zeros(n, dtype=torch.int64))
-    expected = batch.run(_C.sample)["out"]
+    expected = batch.run(torch.ops.hjcg.sample)["out"]
     assert bool((expected == 0).all())
     for name, fn in SAMPLERS.items():
         assert torch.equal(batch.run(fn, "cuda")["out"], expected), name
@@ -133,7 +133,7 @@ def test_torch_sampler_in_a_cuda_graph_draws_fresh_tokens_and_repeats_its_seeds(
     # and the draws are the CPU reference's, counter by counter
     for i, tokens in enumerate(first):
         reference = Batch(batch.logits, batch.params, batch.history, batch.history_len,
-                          torch.full((8,), i, dtype=torch.int64)).run(_C.sample, append=False)["out"]
+                          torch.full((8,), i, dtype=torch.int64)).run(torch.ops.hjcg.sample, append=False)["out"]
         assert (tokens == reference).double().mean() >= 0.75, i
 
 

@@ -1,8 +1,8 @@
-"""The padding kernel's CPU version (hjcg._C.pad_prompt): one chunk into a prefill graph's inputs."""
+"""The padding kernel's CPU version (hjcg.torch.ops.hjcg.pad_prompt): one chunk into a prefill graph's inputs."""
 import pytest
 import torch
 
-from hjcg.native import _C
+import hjcg.native  # noqa: F401  (registers torch.ops.hjcg)
 
 
 def buffers(bucket: int):
@@ -14,7 +14,7 @@ def buffers(bucket: int):
 def test_writes_ids_pads_positions_last_index_and_length(length, bucket, start):
     prompt = torch.randint(0, 1000, (length,))
     ids, pos, last, seq_len = buffers(bucket)
-    _C.pad_prompt(prompt, start, 2, ids, pos, last, seq_len)
+    torch.ops.hjcg.pad_prompt(prompt, start, 2, ids, pos, last, seq_len)
     assert torch.equal(ids[:length], prompt)
     assert bool((ids[length:] == 2).all())
     assert torch.equal(pos, torch.arange(start, start + bucket))
@@ -24,6 +24,6 @@ def test_writes_ids_pads_positions_last_index_and_length(length, bucket, start):
 def test_rejects_a_chunk_longer_than_the_bucket_and_empty_chunks():
     ids, pos, last, seq_len = buffers(4)
     with pytest.raises(RuntimeError, match="does not fit"):
-        _C.pad_prompt(torch.arange(5), 0, 0, ids, pos, last, seq_len)
+        torch.ops.hjcg.pad_prompt(torch.arange(5), 0, 0, ids, pos, last, seq_len)
     with pytest.raises(RuntimeError, match="at least one token"):
-        _C.pad_prompt(torch.arange(0), 0, 0, ids, pos, last, seq_len)
+        torch.ops.hjcg.pad_prompt(torch.arange(0), 0, 0, ids, pos, last, seq_len)

@@ -1,4 +1,4 @@
-"""The samplers on the CPU, the fused kernel's CPU reference (hjcg._C.sample) and the torch sampler
+"""The samplers on the CPU, the fused kernel's CPU reference (torch.ops.hjcg.sample) and the torch sampler
 (hjcg.torch_sampler, the graphs mode's): each step of the pipeline, their draws, and their agreement
 with each other and with the specification on random batches at every parameter's edge values."""
 import dataclasses
@@ -18,7 +18,7 @@ def sampler(request):
     return SAMPLERS[request.param]
 
 
-def draws(logits: torch.Tensor, n: int, sampler=_C.sample, **params) -> torch.Tensor:
+def draws(logits: torch.Tensor, n: int, sampler=torch.ops.hjcg.sample, **params) -> torch.Tensor:
     row = KernelRow(sampler=sampler, **params)
     return torch.tensor([row.sample(logits) for _ in range(n)])
 
@@ -111,7 +111,7 @@ def test_philox_uniform_is_in_unit_interval_and_depends_on_every_input():
 def test_rejects_malformed_arguments():
     row = KernelRow()
     with pytest.raises(RuntimeError, match="logits must be"):
-        _C.sample(torch.randn(3), row.history, row.history_len, row.temperature, row.top_k, row.top_p,
+        torch.ops.hjcg.sample(torch.randn(3), row.history, row.history_len, row.temperature, row.top_k, row.top_p,
                   row.min_p, row.penalty, row.seed, row.offset, row.out, False)
     bad = KernelRow()
     bad.top_k = torch.zeros(1, dtype=torch.int64)
@@ -158,7 +158,7 @@ def test_out_of_range_values_mean_off_in_every_sampler():
                       repetition_penalty=torch.ones(16))
     for _ in range(30):
         raw = random_batch(rng, 16, 300, raw_off=True)
-        expected = dataclasses.replace(raw, params=dict(raw.params, **off_values)).run(_C.sample)
+        expected = dataclasses.replace(raw, params=dict(raw.params, **off_values)).run(torch.ops.hjcg.sample)
         for name, fn in SAMPLERS.items():
             assert torch.equal(raw.run(fn)["out"], expected["out"]), name
 

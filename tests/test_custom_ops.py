@@ -1,0 +1,68 @@
+"""The extension's custom ops (torch.ops.hjcg.*) declare what they write, have fake kernels, and dispatch
+to their CPU kernel here (their CUDA kernel on a GPU): torch.library.opcheck checks the schema against what
+the op really mutates, the fake kernel, the autograd registration and AOT dispatch."""
+import pytest
+import torch
+
+import hjcg.native  # noqa: F401  (registers torch.ops.hjcg)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def sample_args(device: str, append: bool = True) -> tuple:
+    g = torch.Generator().manual_seed(0)
+    rows, vocab, capacity = 3, 50, 8
+    f32 = dict(dtype=torch.float32)
+    args = (torch.randn(rows, vocab, generator=g),                          # logits
+            torch.randint(0, vocab, (rows, capacity), generator=g),          # history
+            torch.tensor([0, 3, 8]),                                         # history_len
+            torch.tensor([0.0, 0.8, 1.2], **f32),                            # temperature (row 0 greedy)
+            torch.tensor([0, 5, 0], dtype=torch.int32),                      # top_k
+            torch.tensor([1.0, 0.9, 0.5], **f32),                            # top_p
+            torch.tensor([0.0, 0.0, 0.1], **f32),                            # min_p
+            torch.tensor([1.0, 1.3, 0.8], **f32),                            # repetition_penalty
+            torch.tensor([1, 2, 3]),                                         # seed
+            torch.zeros(rows, dtype=torch.int64),                            # offset
+            torch.full((rows,), -1, dtype=torch.int64))                      # out
+    return tuple(a.to(device) for a in args) + (append,)
+
+
+def pad_args(device: str) -> tuple:
+    out = lambda n: torch.full((n,), -7, dtype=torch.int64, device=device)  # noqa: E731
+    return (torch.tensor([5, 6, 7], device=device), 16, 0, out(8), out(8), out(1), out(1))
+
+
+def gpu_only(device: str) -> list:
+    return [pytest.mark.gpu] if device == "cuda" else []
+
+
+@pytest.mark.parametrize("device", [pytest.param(d, marks=gpu_only(d)) for d in DEVICES])
+@pytest.mark.parametrize("append", [True, False])
+def test_sample_passes_opcheck(device, append):
+    torch.library.opcheck(torch.ops.hjcg.sample.default, sample_args(device, append))
+
+
+@pytest.mark.parametrize("device", [pytest.param(d, marks=gpu_only(d)) for d in DEVICES])
+def test_pad_prompt_passes_opcheck(device):
+    torch.library.opcheck(torch.ops.hjcg.pad_prompt.default, pad_args(device))
+
+
+def test_sample_writes_the_tensors_its_schema_declares():
+    args = sample_args("cpu")
+    logits, history, history_len, offset, out = (a.clone() for a in (args[0], args[1], args[2], args[9], args[10]))
+    torch.ops.hjcg.sample(*args)
+    assert torch.equal(args[0], logits)                                    # read only
+    assert torch.equal(args[9], offset + 1) and (args[10] >= 0).all()       # draw counter, token
+    assert torch.equal(args[2], torch.clamp(history_len + 1, max=8))      # the token appended where there is room
+    assert args[10][0] == int(torch.argmax(logits[0]))                    # row 0 is greedy
+    schema = str(torch.ops.hjcg.sample.default._schema)
+    assert "Tensor(a!) history" in schema and "Tensor(d!) out" in schema and "Tensor logits" in schema
+
+
+def test_the_ops_refuse_bad_arguments_with_a_message():
+    args = list(sample_args("cpu"))
+    args[4] = args[4].long()  # top_k must be int32
+    with pytest.raises(RuntimeError, match="top_k must be Int"):
+        torch.ops.hjcg.sample(*args)
+    with pytest.raises(RuntimeError, match="does not fit a bucket"):
+        torch.ops.hjcg.pad_prompt(torch.arange(9), 0, 0, *pad_args("cpu")[3:])
