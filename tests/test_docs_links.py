@@ -90,4 +90,4 @@ def test_the_path_finder_finds_paths():
     spans = {s for s in CODE_SPAN.findall(readme) if path_like(s)}
     assert {"csrc/lru_cache.h", "proto/hjcg/v1/hjcg.proto", "hjcg/v1/", "setup.py"} <= spans
     assert not exists("csrc/no_such_file.h", tracked_files()) and not path_like("--tls-ca/--tls-cert")
-    assert "bench/results/2026-11-22-h100-8391077/" in {m[1] for m in LINK.finditer(readme)}
+    assert any(m[1].startswith("bench/results/") for m in LINK.finditer(readme))  # the rendered results link
