@@ -37,7 +37,8 @@ def _wait_serving(client, proc, timeout: float = 300.0) -> None:
     raise TimeoutError("the server did not become SERVING")
 
 
-def _ttft(client, ids) -> float:
+def ttft_over_grpc(client, ids: list[int]) -> float:
+    """Send to the first token of one Generate of `ids` (max_new_tokens 1), in seconds."""
     start = now()
     call = client.generate(token_ids=ids, max_new_tokens=1, ignore_eos=True)
     next(iter(call))
@@ -78,8 +79,8 @@ def run(quick: bool) -> dict:
         for label, target in (("tcp", tcp), ("unix", unix)):
             with HjcgClient(target) as client:
                 for ids in prompts.values():
-                    _ttft(client, ids)
-                ttft = {n: [_ttft(client, ids) for _ in range(runs)] for n, ids in prompts.items()}
+                    ttft_over_grpc(client, ids)
+                ttft = {n: [ttft_over_grpc(client, ids) for _ in range(runs)] for n, ids in prompts.items()}
                 _decode(client, prompts[10], 5)
                 decode = _decode(client, prompts[10], 397)
             results[label] = {"ttft": ttft, "decode": decode}

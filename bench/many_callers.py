@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from bench.callers import ClientPool, compact, poisson_schedule, random_ids, stream_figures
 from bench.common import now, summary
+from bench.grpc_bench import ttft_over_grpc
 
 
 @dataclass
@@ -113,16 +114,6 @@ def grpc_overhead_inproc(plan: Plan, loaded=None, log=_log) -> dict:
 
 # --- through the server ------------------------------------------------------------------------------------
 
-def _ttft_grpc(client, ids: list[int]) -> float:
-    start = now()
-    call = client.generate(token_ids=ids, max_new_tokens=1, ignore_eos=True)
-    next(iter(call))
-    elapsed = now() - start
-    for _ in call:
-        pass
-    return elapsed
-
-
 def grpc_overhead_grpc(plan: Plan, target: str, log=_log) -> dict:
     """One caller through loopback gRPC: TTFT at 10 tokens, and several 256-token streams."""
     from hjcg_client import HjcgClient
@@ -130,8 +121,8 @@ def grpc_overhead_grpc(plan: Plan, target: str, log=_log) -> dict:
     ids = random_ids(random.Random(plan.seed + 11), plan.prompt_tokens, plan.vocab)
     with HjcgClient(target) as client:
         for _ in range(5):
-            _ttft_grpc(client, ids)
-        ttft = [_ttft_grpc(client, ids) for _ in range(plan.ttft_runs)]
+            ttft_over_grpc(client, ids)
+        ttft = [ttft_over_grpc(client, ids) for _ in range(plan.ttft_runs)]
         streams = []
         from bench.callers import stream
 

@@ -10,8 +10,8 @@ from hjcg.native import _C
 
 class FusedCudaOps(LayerOps):
     """Needs a model whose norm weights are folded (FastLlama.fold_norm_weights): the layer's norms are
-    then a per-row scale, 1 / rms(x), applied inside the weight-streaming GEMV (1..8 rows: a decode step) or,
-    for more rows, by the kernel after the GEMM (rope_cache, silu_mul), which reads x itself: no separate norm
+    then a per-row scale, 1 / rms(x), applied inside the weight-streaming GEMV (a decode step of up to gemv_max_rows
+    rows) or, for more rows, by the kernel after the GEMM (rope_cache, silu_mul), which reads x itself: no separate norm
     kernel."""
 
     def __init__(self, gemv_max_rows: int = 8):

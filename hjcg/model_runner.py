@@ -65,10 +65,6 @@ class EagerRunner:
         self._prompt_logits: torch.Tensor | None = None
 
     @property
-    def max_batch(self) -> int:
-        return self.tokens.numel()
-
-    @property
     def table_width(self) -> int:
         return self.tables.shape[1]
 

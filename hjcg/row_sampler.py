@@ -6,17 +6,11 @@ window). A stream's row is loaded when it joins; when streams leave, the rows cl
 """
 from __future__ import annotations
 
-import secrets
-
 import torch
 
 import hjcg.native  # noqa: F401  (registers torch.ops.hjcg)
 from hjcg.upload import upload
 from hjcg.sampling import SamplingParams
-
-
-def _to_int64(seed: int) -> int:
-    return seed - 2**64 if seed >= 2**63 else seed  # the kernel reads the bits as uint64
 
 
 class RowSampler:
@@ -30,19 +24,14 @@ class RowSampler:
         self.top_k = torch.zeros(rows, device=device, dtype=torch.int32)
         self.history = torch.zeros(rows, history_capacity, device=device, dtype=torch.int64)
 
-    @property
-    def rows(self) -> int:
-        return self.top_k.numel()
-
     def load(self, row: int, params: SamplingParams, prompt: torch.Tensor) -> None:
         """Row `row` takes a new stream: its parameters, a fresh draw counter and its prompt as history
         (prompt on the device). The scalars travel through pinned memory: the host never waits."""
-        seed = params.seed if params.seed is not None else secrets.randbits(64)
         n = min(prompt.numel(), self.history.shape[1])
         device = self.top_k.device
         floats = [params.temperature, params.top_p, params.min_p, params.repetition_penalty]
         self._floats[:, row].copy_(upload(floats, torch.float32, device))
-        self._ints[:, row].copy_(upload([_to_int64(seed), 0, n], torch.int64, device))
+        self._ints[:, row].copy_(upload([params.kernel_seed(), 0, n], torch.int64, device))
         # int32 from a Python int would be a synchronous pageable copy: the host would wait for the prefill
         self.top_k[row:row + 1].copy_(upload([params.top_k], torch.int32, device))
         self.history[row, :n].copy_(prompt[:n])

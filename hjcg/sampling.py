@@ -109,6 +109,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def kernel_seed(self) -> int:
+        """The seed as the samplers' int64 tensors hold it (the bits of the uint64; they read it back as
+        uint64); a fresh random one when unset."""
+        seed = self.seed if self.seed is not None else secrets.randbits(64)
+        return seed - 2**64 if seed >= 2**63 else seed
+
 
 def _as_int(value: object, name: str) -> int:
     if isinstance(value, bool):
@@ -126,14 +132,9 @@ def _check_top_k(value: object) -> int:
     return 0 if k > MAX_TOP_K else k
 
 
-def _to_int64(seed: int) -> int:
-    return seed - 2**64 if seed >= 2**63 else seed  # the kernel reads the bits as uint64
-
-
 def row_tensors(params: list[SamplingParams], device: torch.device | str) -> dict[str, torch.Tensor]:
     """The samplers' per-row [B] parameter tensors for B requests, keyed by torch.ops.hjcg.sample's argument names
     (a row whose seed is None gets a fresh random one)."""
-    seeds = [p.seed if p.seed is not None else secrets.randbits(64) for p in params]
     floats = dict(device=device, dtype=torch.float32)
     return dict(
         temperature=torch.tensor([p.temperature for p in params], **floats),
@@ -141,6 +142,6 @@ def row_tensors(params: list[SamplingParams], device: torch.device | str) -> dic
         top_p=torch.tensor([p.top_p for p in params], **floats),
         min_p=torch.tensor([p.min_p for p in params], **floats),
         repetition_penalty=torch.tensor([p.repetition_penalty for p in params], **floats),
-        seed=torch.tensor([_to_int64(s) for s in seeds], device=device, dtype=torch.int64),
+        seed=torch.tensor([p.kernel_seed() for p in params], device=device, dtype=torch.int64),
     )
 

@@ -90,7 +90,3 @@ class Scheduler:
                 survivors.append(seq)
         self.running = survivors
         return order
-
-    @property
-    def kv_blocks_used(self) -> int:
-        return self.blocks.used_blocks

@@ -113,6 +113,14 @@ class Batch:
                 p["top_p"], p["min_p"], p["repetition_penalty"], p["seed"], state["offset"], state["out"], append)
         return {k: v.cpu() for k, v in state.items()}
 
+    def with_filters_off(self) -> "Batch":
+        """The same rows with top_k, top_p, min_p and repetition_penalty at their off values: what every
+        sampler must make of a batch whose filter values are outside their active range."""
+        rows = self.logits.shape[0]
+        off = dict(top_k=torch.zeros(rows, dtype=torch.int32), top_p=torch.ones(rows), min_p=torch.zeros(rows),
+                   repetition_penalty=torch.ones(rows))
+        return Batch(self.logits, dict(self.params, **off), self.history, self.history_len, self.offset)
+
     def row_spec(self, i: int) -> torch.Tensor:
         """Row i's target distribution (greedy rows: all mass on the penalised argmax)."""
         p = {k: v[i].item() for k, v in self.params.items()}
