@@ -1,11 +1,12 @@
 """The fast forward of a Llama-family decoder (Llama 2/3, Mistral, SmolLM2; GQA; RoPE as the config says).
 
 Weights come from transformers' own model, rearranged once: Q, K and V fused into one matrix, gate and
-up into another, so a layer is four matrix products. The KV cache is paged (hjcg.kv_cache): a step's
-tokens write their K/V at given slots, and its attention reads what it needs through block tables, so
-the shapes of a step never depend on where its streams' tokens live and the forward can be captured
-into a CUDA graph. The rows of a step are either one prompt chunk or one token of each stream of a
-batch. The lm head runs only on the rows that are sampled.
+up into another, so a layer is four matrix products, each through `linear` (a matrix may also be e4m3
+with per-row scales, hjcg.fp8, once FastLlama.quantize_weights has run). The KV cache is paged
+(hjcg.kv_cache): a step's tokens write their K/V at given slots, and its attention reads what it needs
+through block tables, so the shapes of a step never depend on where its streams' tokens live and the
+forward can be captured into a CUDA graph. The rows of a step are either one prompt chunk or one token of
+each stream of a batch. The lm head runs only on the rows that are sampled.
 
 Shapes: S = tokens (rows) in the step, H = hidden size, Hq/Hkv = query/KV heads, D = head dim.
 """
@@ -19,11 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from hjcg.fp8 import Fp8Weight, linear_reference, quantize_weight
 from hjcg.kv_cache import PagedKVCache
 
 # attention(layer, q [R, Hq, D], k, v [S, Hkv, D] (the step's own, already in the cache), rows [R] | None)
 # -> [R, Hq, D]. rows: which of the step's S rows q holds (None: all, R = S).
 Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# A weight matrix [N, K]: in the model's dtype, or e4m3 with per-row scales (FastLlama.quantize_weights)
+Weight = torch.Tensor | Fp8Weight
 
 
 @dataclass(slots=True)
@@ -55,11 +59,23 @@ class LlamaShape:
 @dataclass(slots=True)
 class LayerWeights:
     input_norm: torch.Tensor    # [H]
-    qkv: torch.Tensor           # [(Hq + 2 Hkv) D, H]
-    o: torch.Tensor             # [H, Hq D]
+    qkv: Weight                 # [(Hq + 2 Hkv) D, H]
+    o: Weight                   # [H, Hq D]
     post_norm: torch.Tensor     # [H]
-    gate_up: torch.Tensor       # [2 F, H]
-    down: torch.Tensor          # [H, F]
+    gate_up: Weight             # [2 F, H]
+    down: Weight                # [H, F]
+
+    def matrices(self) -> tuple[Weight, ...]:
+        return self.qkv, self.o, self.gate_up, self.down
+
+
+def linear(x: torch.Tensor, weight: Weight, quantize_input: bool = False) -> torch.Tensor:
+    """x [S, K] @ weight.T -> [S, N] in x's dtype. An Fp8Weight goes through hjcg.fp8's reference product
+    (quantize_input: x rounded to e4m3 with one scale per row first, as an fp8 GEMM would take it); a plain
+    tensor ignores quantize_input."""
+    if isinstance(weight, Fp8Weight):
+        return linear_reference(x, weight, quantize_input)
+    return x @ weight.t()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -144,6 +160,34 @@ class FastLlama:
         self.norm = torch.ones_like(self.norm)
         self.norms_folded = True
 
+    def quantize_weights(self, lm_head: bool = False) -> None:
+        """Replaces each layer's four matrices (and the lm head where `lm_head`: the engine does not, see
+        hjcg.config.WEIGHTS) by e4m3 weights with per-row scales (hjcg.fp8.quantize_weight); the embedding
+        rows and the norms keep the model's dtype. The norms are folded first, so every path (this torch
+        forward and the fused CUDA one) reads the same quantized matrices."""
+        if self.weights_quantized:
+            return
+        self.fold_norm_weights()
+        for layer in self.layers:
+            layer.qkv, layer.o, layer.gate_up, layer.down = (quantize_weight(w) for w in layer.matrices())
+        if lm_head:
+            self.lm_head = quantize_weight(self.lm_head)
+
+    @property
+    def weights_quantized(self) -> bool:
+        return isinstance(self.layers[0].qkv, Fp8Weight)
+
+    @property
+    def weight_format(self) -> str:
+        """How the layers' matrices are stored: "fp8_e4m3" or the model's dtype ("float16", ...)."""
+        return "fp8_e4m3" if self.weights_quantized else str(self.dtype).removeprefix("torch.")
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights a decode step reads: every layer's matrices and the lm head (with the fp8 scales),
+        not the embedding table (a step reads one row of it) nor the norm vectors."""
+        matrices = [w for layer in self.layers for w in layer.matrices()] + [self.lm_head]
+        return sum(w.nbytes for w in matrices)
+
     def new_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
         s = self.shape
         return PagedKVCache(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim, self.device, self.dtype)
@@ -183,13 +227,16 @@ class FastLlama:
 class LayerOps:
     """The elementwise stages of a layer in plain torch: the reference the fused kernels must match."""
 
+    def linear(self, x: torch.Tensor, weight: Weight) -> torch.Tensor:
+        """x @ weight.T: every matrix product of the stages below."""
+        return linear(x, weight)
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm(x, weight, eps)
 
-    def norm_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                    weight: torch.Tensor) -> torch.Tensor:
+    def norm_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: Weight) -> torch.Tensor:
         """rms_norm(x) @ weight.T"""
-        return self.rms_norm(x, norm_weight, eps) @ weight.t()
+        return self.linear(self.rms_norm(x, norm_weight, eps), weight)
 
     def rope_and_cache(self, qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, model: FastLlama,
                        cache: PagedKVCache, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -207,15 +254,15 @@ class LayerOps:
         cache.write(layer, slots, k, v)
         return q * cos + rotate_half(q) * sin, k, v
 
-    def attention_input(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qkv_weight: torch.Tensor,
+    def attention_input(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qkv_weight: Weight,
                         positions: torch.Tensor, slots: torch.Tensor, model: FastLlama, cache: PagedKVCache,
                         layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v of rope(rms_norm(x) @ qkv_weight.T) (see rope_and_cache); k and v go into the cache."""
         return self.rope_and_cache(self.norm_linear(x, norm_weight, eps, qkv_weight), positions, slots, model, cache,
                                    layer)
 
-    def mlp(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up_weight: torch.Tensor,
-            down_weight: torch.Tensor) -> torch.Tensor:
+    def mlp(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up_weight: Weight,
+            down_weight: Weight) -> torch.Tensor:
         """x + silu(gate) * up @ down.T, with [gate, up] = rms_norm(x) @ gate_up_weight.T"""
         return self.mlp_down(x, self.norm_linear(x, norm_weight, eps, gate_up_weight), down_weight)
 
@@ -223,15 +270,24 @@ class LayerOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    def residual_linear(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return x + h @ weight.t()
+    def residual_linear(self, x: torch.Tensor, h: torch.Tensor, weight: Weight) -> torch.Tensor:
+        return x + self.linear(h, weight)
 
-    def mlp_down(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    def mlp_down(self, x: torch.Tensor, gate_up: torch.Tensor, down: Weight) -> torch.Tensor:
         """x + silu(gate) * up @ down.T"""
         return self.residual_linear(x, self.silu_mul(gate_up), down)
 
 
 TORCH_OPS = LayerOps()
+
+
+class W8A8ReferenceOps(LayerOps):
+    """The reference path with every fp8 product's input also rounded to e4m3, one scale per token
+    (hjcg.fp8.quantize_rows): what fp8 GEMMs with per-token activation scales compute. For measuring
+    that quality cost (hjcg.perplexity); products with unquantized weights stay as they are."""
+
+    def linear(self, x: torch.Tensor, weight: Weight) -> torch.Tensor:
+        return linear(x, weight, quantize_input=True)
 
 
 # --- attention variants -------------------------------------------------------------------------------
