@@ -11,6 +11,13 @@ log = logging.getLogger(__name__)
 
 MODES = ("eager", "compiled", "graphs", "hybrid")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# How the layers' matrices are stored: "dtype" (in --dtype) or "fp8" (e4m3 with one float32 scale per output row,
+# quantized at load: hjcg.fp8; activations stay in --dtype). The lm head stays in --dtype either way: in fp8 it
+# alone costs more perplexity than all the layers together (SmolLM2-135M-Instruct, float32 activations, GPL-3
+# text, 7658 tokens in windows of 1024: 19.03 in float32, 19.10 fp8 layers (+0.39%), 19.33 fp8 layers and lm
+# head (+1.58%, past the 1.5% bar), `python -m hjcg.perplexity`) to save 17% of SmolLM2's decode bytes in
+# float16, 2% of Llama-2-7B's.
+WEIGHTS = ("dtype", "fp8")
 # Prefill length buckets captured by default on CUDA: of the sets of 15 graphs, the one with the least mean
 # replay time over prompt lengths 1..512 (bench.bucket_sweep.choose_buckets over the measured sweep,
 # bench/results/2026-11-22-h100-sweep/bucket_sweep.json: H100, Llama-2-7B, random tokens). cuBLAS tiles the
@@ -27,6 +34,7 @@ class EngineConfig:
     device: str = "auto"              # "auto", "cpu", "cuda", "cuda:N"
     dtype: str = "auto"               # "auto" (float32 on CPU, float16 on CUDA) or a DTYPES key
     mode: str = "auto"                # "auto" (eager on CPU, hybrid on CUDA) or one of MODES
+    weights: str = "dtype"            # one of WEIGHTS
     max_context: int = 4096           # KV-cache length; prompt + generated tokens never exceed it
     max_prompt_tokens: int = 3072
     max_new_tokens: int = 1024
@@ -59,6 +67,9 @@ class EngineConfig:
             self.dtype = "float16" if on_cuda else "float32"
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS} ('dtype': in --dtype; 'fp8': e4m3 quantized at "
+                             f"load), got {self.weights!r}")
         if self.mode == "auto":
             self.mode = "hybrid" if on_cuda else "eager"
         if self.mode not in MODES:

@@ -58,6 +58,10 @@ class Engine:
         positions = config.max_context + max(config.prefill_buckets)
         self.model = FastLlama(hf_model, config.torch_device, config.torch_dtype, positions)
         del hf_model, loaded
+        if config.weights == "fp8":  # before the runner: its graphs and fused kernels read the fp8 matrices
+            self.model.quantize_weights()
+            if config.torch_device.type == "cuda":
+                torch.cuda.empty_cache()  # the replaced matrices' memory, for the KV pool sized from what is free
         self.cache = self.model.new_cache(self._kv_blocks(), config.kv_block_size)
         self.blocks = BlockManager(self.cache.num_blocks, config.kv_block_size)
         self.scheduler = Scheduler(self.blocks, config.max_batch, config.max_waiting)
@@ -299,6 +303,7 @@ class Engine:
             "name": self.model_name,
             "architecture": getattr(self.hf_config, "model_type", "llama"),
             "dtype": self.config.dtype,
+            "weights": self.model.weight_format,
             "context_length": self.config.max_context,
             "vocab_size": self.vocab_size,
         }
