@@ -97,7 +97,7 @@ def test_invalid_requests_are_rejected_with_a_reason(engine, kwargs, message):
 
 def test_status_figures(engine):
     info = engine.model_info()
-    assert info == {"name": "SmolLM2-135M-Instruct", "architecture": "llama", "dtype": "float32",
+    assert info == {"name": "SmolLM2-135M-Instruct", "architecture": "llama", "dtype": "float32", "weights": "float32",
                     "context_length": 1024, "vocab_size": 49152}
     assert engine.graph_stats() == {}
     assert engine.warm([])["available"] is False

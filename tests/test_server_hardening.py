@@ -6,6 +6,8 @@ calls, or the CLI's main()."""
 import os
 import re
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -202,7 +204,7 @@ def test_a_busy_tcp_port_is_address_already_in_use(server, capsys):
     assert "address already in use" in capsys.readouterr().err
 
 
-# --- A server with a token, a queue of 1, --threads 1, port 0 and metrics: refusals, counts, shutdown --------
+# --- A server with a token, a queue of 1, --threads 1, port 0, metrics and fp8 weights: refusals, counts, shutdown
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
@@ -211,7 +213,7 @@ def guarded(tmp_path_factory):
     metrics_port = free_port()
     s = ServerProcess("--auth-token-file", str(token_file), "--queue-size", "1", "--threads", "1",
                       "--metrics-port", str(metrics_port), "--listen", "127.0.0.1:0", "--grace", "3",
-                      "--max-new-tokens", "900").wait_serving()
+                      "--max-new-tokens", "900", "--weights", "fp8").wait_serving()
     s.metrics_port = metrics_port
     yield s
     s.stop()
@@ -219,6 +221,22 @@ def guarded(tmp_path_factory):
 
 def test_threads_flag_is_honoured(guarded):
     assert "torch CPU threads: 1 (--threads)" in guarded.log_text()
+
+
+def test_weights_flag_is_reported_by_status(guarded):
+    with HjcgClient(guarded.tcp, token=TOKEN) as client:
+        model = client.status().model
+        assert (model.dtype, model.weights) == ("float32", "fp8_e4m3")
+    status = subprocess.run([sys.executable, "-m", "hjcg_client.cli", "status", "--target", guarded.tcp],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "HJCG_AUTH_TOKEN": TOKEN})
+    assert "float32, weights fp8_e4m3" in status.stdout, status.stderr
+
+
+def test_an_unknown_weight_format_exits_2_naming_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--weights", "int4"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--weights" in err and "'fp8'" in err
 
 
 def test_port_0_is_logged_as_the_port_bound(guarded):

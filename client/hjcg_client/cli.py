@@ -157,7 +157,8 @@ def _status(client: HjcgClient, args) -> int:
         print(_message_json(status))
         return 0
     m, g = status.model, status.graph_cache
-    print(f"model:   {m.name} ({m.architecture}, {m.dtype}, context {m.context_length}, vocab {m.vocab_size})")
+    weights = f", weights {m.weights}" if m.weights and m.weights != m.dtype else ""  # older servers send none
+    print(f"model:   {m.name} ({m.architecture}, {m.dtype}{weights}, context {m.context_length}, vocab {m.vocab_size})")
     print(f"device:  {status.device}, mode {status.engine_mode}")
     print(f"queue:   {status.queue_depth} waiting, {status.running} running")
     print(f"uptime:  {status.uptime_s:.0f} s, version {status.version}")

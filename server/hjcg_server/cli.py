@@ -7,7 +7,7 @@ import os
 import sys
 
 from hjcg import __version__
-from hjcg.config import DEFAULT_GRAPH_CACHE_ENTRIES, DEFAULT_PREFILL_BUCKETS, MODES, EngineConfig
+from hjcg.config import DEFAULT_GRAPH_CACHE_ENTRIES, DEFAULT_PREFILL_BUCKETS, MODES, WEIGHTS, EngineConfig
 from hjcg_server.app import ServerOptions, default_threads, parse_listen_address, serve
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto",
                    help="auto (float32 on the CPU, float16 on CUDA), float32, float16 or bfloat16 "
                    "(default: %(default)s)")
+    s.add_argument("--weights", default="dtype", choices=WEIGHTS,
+                   help="how the weight matrices are stored: dtype (as --dtype) or fp8 (e4m3 with a float32 scale "
+                   "per output row, quantized at load: half the bytes of float16 per decode step; embeddings and "
+                   "norms stay in --dtype) (default: %(default)s)")
     s.add_argument("--mode", default="auto", choices=("auto",) + MODES,
                    help="engine mode; auto: eager on the CPU, hybrid on CUDA (default: %(default)s)")
     s.add_argument("--threads", type=_at_least_one, metavar="N",
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         engine = EngineConfig(
-            model=args.model, device=args.device, dtype=args.dtype, mode=args.mode, max_context=args.max_context,
+            model=args.model, device=args.device, dtype=args.dtype, weights=args.weights, mode=args.mode,
+            max_context=args.max_context,
             max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
             default_max_new_tokens=args.default_max_new_tokens,
             graph_cache_max_entries=args.graph_max_entries, graph_cache_max_bytes=args.graph_budget_mib << 20,
