@@ -96,8 +96,8 @@ def main(argv=None) -> int:
     r.add_argument("--out", default="bench/results/latest")
     r.add_argument("--quick", action="store_true", help="fewer repetitions")
     r.add_argument("--sections", default="",
-                   help="comma-separated, default all: llama7b,profile,buckets,cache,grpc_overhead,smollm,grpc,"
-                   "concurrency,open_loop")
+                   help="comma-separated, default all: llama7b,profile,buckets,cache,grpc_overhead,fp8,"
+                   "fp8_quality,smollm,grpc,concurrency,open_loop")
     r.add_argument("--systems", default=os.environ.get("BENCH_SYSTEMS", ""),
                    help="the llama7b section's systems, comma-separated, default all (env BENCH_SYSTEMS): "
                    "hybrid,graphs,eager,compiled,hf-eager,hf-static-compile,seed-paper")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bench.callers import percentile, stream_figures
 from bench.common import summary
+from bench.fp8_bench import fp8_summary
 
 
 def _ttft_table(systems: dict, floors: dict) -> dict:
@@ -97,6 +98,8 @@ def build_summary(raw: dict) -> dict:
                 if inproc.get("decode"):
                     dec["overhead_ms"] = dec["median_ms"] - inproc["decode"]["median_ms"]
                 s["grpc"][label] = {"ttft": ttft, "decode": dec}
+    if "fp8" in raw or "fp8_quality" in raw:
+        s["fp8"] = fp8_summary(raw.get("fp8"), raw.get("fp8_quality"))
     for key, build in (("concurrency", concurrency_summary), ("grpc_overhead", grpc_overhead_summary),
                        ("open_loop", open_loop_summary)):
         if key in raw:

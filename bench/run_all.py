@@ -12,16 +12,17 @@ from pathlib import Path
 
 import torch
 
-from bench import grpc_bench
+from bench import fp8_bench, grpc_bench
 from bench.common import PROMPT_LENGTHS, environment, floors, model_floors, now, summary
 from bench.systems import HFEager, HFStaticCompiled, HjcgSystem, SeedPaper, measure
 from hjcg.config import DEFAULT_PREFILL_BUCKETS
 from hjcg.random_models import random_llama
 
 DECODE_TOKENS = 397
-SECTIONS = ("llama7b", "profile", "buckets", "cache", "grpc_overhead", "smollm", "grpc", "concurrency",
-            "open_loop")
-MODEL_SECTIONS = ("llama7b", "profile", "buckets", "cache", "grpc_overhead")  # need the 7B model in this process
+SECTIONS = ("llama7b", "profile", "buckets", "cache", "grpc_overhead", "fp8", "fp8_quality", "smollm", "grpc",
+            "concurrency", "open_loop")
+# need the 7B model in this process
+MODEL_SECTIONS = ("llama7b", "profile", "buckets", "cache", "grpc_overhead", "fp8")
 SYSTEMS = ("hybrid", "graphs", "eager", "compiled", "hf-eager", "hf-static-compile", "seed-paper")
 _STARTED = time.monotonic()
 
@@ -218,12 +219,24 @@ def run(out: Path, quick: bool = False, sections: tuple[str, ...] = (), systems:
             log("rolling cache: start")
             results["llama2_7b"]["rolling_cache"] = rolling_cache(loaded, quick)
             save()
+        if want("fp8"):
+            log("fp8: start")
+            results["fp8"] = fp8_bench.speed(loaded, quick, log)
+            save()
         if want("grpc_overhead"):  # its in-process half, on the model already loaded
             log("grpc_overhead in-process: start")
             many_callers.inproc_section(plan, results, save, log, loaded)
         del loaded
         gc.collect()
         torch.cuda.empty_cache()
+        save()
+    if want("fp8_quality"):
+        log("fp8 quality: start")
+        try:
+            results["fp8_quality"] = fp8_bench.quality(log)
+        except Exception as e:  # e.g. the embedded model's package is not installed here
+            results["fp8_quality"] = {"error": f"{type(e).__name__}: {e}"}
+            log(f"fp8 quality: FAILED {type(e).__name__}: {e}")
         save()
     if want("smollm"):
         log("smollm: start")
