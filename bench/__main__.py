@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 
-SMOKE_SECTIONS = ("systems", "concurrency", "grpc_overhead", "open_loop")
+SMOKE_SECTIONS = ("systems", "fp8", "concurrency", "grpc_overhead", "open_loop")
 
 
 def _smoke(out: Path, sections: tuple[str, ...]) -> dict:
@@ -31,7 +31,7 @@ def _smoke(out: Path, sections: tuple[str, ...]) -> dict:
     raw = {"environment": environment(), "quick": True, "smoke": True,
            "floors": {"copy_bytes_per_s": 0, "matmul_flops_per_s": 0}}
     torch.set_num_threads(1)  # the CPU server of the callers' sections gets the other cores
-    callers = {s for s in sections if s != "systems"}
+    callers = {s for s in sections if s not in ("systems", "fp8")}
     server = None
     if callers:
         from bench import many_callers
@@ -53,6 +53,13 @@ def _smoke(out: Path, sections: tuple[str, ...]) -> dict:
                 system.close()
             floors = {"decode_floor_ms": 1.0, "prefill_floor_ms": {10: 1.0, 50: 1.0}}
             raw["llama2_7b"] = {"floors": floors, "systems": systems}
+        if "fp8" in sections:
+            from bench import fp8_bench
+            from hjcg.random_models import random_llama
+
+            loaded = random_llama("tiny-gqa", torch.float32, "cpu", seed=0)
+            raw["fp8"] = fp8_bench.speed(loaded, True, lengths=(10, 50), decode_tokens=8, mode="eager", device="cpu",
+                                         dtype="float32", max_context=256)
         if callers:
             many_callers.run_sections(plan, callers, raw, server=server)
     finally:

@@ -19,7 +19,7 @@ from bench.systems import HjcgSystem
 
 TTFT_LENGTHS = (10, 100, 500)
 DECODE_TOKENS = 397
-FORMATS = {"fp16": "dtype", "fp8": "fp8"}  # summary label -> EngineConfig.weights
+FORMATS = {"fp16": "dtype", "fp8": "fp8"}  # summary label -> EngineConfig.weights ("fp16": the --dtype run, fp16 on the GPU)
 CHAT_QUESTIONS = (
     "What is the capital of France?",
     "Name three primary colors.",
@@ -30,33 +30,37 @@ CHAT_QUESTIONS = (
 )
 
 
-def speed(loaded, quick: bool, log=print) -> dict:
+def speed(loaded, quick: bool, log=print, lengths=TTFT_LENGTHS, decode_tokens: int = DECODE_TOKENS,
+          mode: str = "hybrid", **engine) -> dict:
+    """The figures of each format (see the module docstring); `engine`: more EngineConfig settings."""
     import random
 
     rng = random.Random(0)
     vocab = loaded.hf_model.config.vocab_size
-    prompts = {n: [rng.randrange(3, vocab) for _ in range(n)] for n in TTFT_LENGTHS}
+    prompts = {n: [rng.randrange(3, vocab) for _ in range(n)] for n in lengths}
     runs = 20 if quick else 100
-    out: dict = {"model": loaded.name, "decode_tokens": DECODE_TOKENS}
+    out: dict = {"model": loaded.name, "decode_tokens": decode_tokens}
     for label, weights in FORMATS.items():
         try:
-            system = HjcgSystem(loaded, "hybrid", weights=weights)
+            system = HjcgSystem(loaded, mode, weights=weights, **engine)
             for ids in prompts.values():
                 system.ttft(ids)
             ttft = {n: [system.ttft(ids) for _ in range(runs)] for n, ids in prompts.items()}
-            system.decode(prompts[10], 8)
-            decode = [x for _ in range(1 if quick else 3) for x in system.decode(prompts[10], DECODE_TOKENS)]
+            first = prompts[lengths[0]]
+            system.decode(first, 8)
+            decode = [x for _ in range(1 if quick else 3) for x in system.decode(first, decode_tokens)]
             model = system.engine.model
             out[label] = {"ttft": ttft, "decode": decode, "weight_bytes": model.weight_bytes(),
-                          "weights": model.weight_format(), "setup_s": system.setup_s}
+                          "weights": model.weight_format, "setup_s": system.setup_s}
             system.close()
-            log(f"fp8 section, {label}: TTFT(10) {summary(ttft[10])['median_ms']:.2f} ms, "
+            log(f"fp8 section, {label}: TTFT({lengths[0]}) {summary(ttft[lengths[0]])['median_ms']:.2f} ms, "
                 f"decode {summary(decode)['median_ms']:.2f} ms/token, {model.weight_bytes() / 1e9:.2f} GB of weights")
         except Exception as e:  # one failing format must not sink the run; the error is in the results
             out[label] = {"error": f"{type(e).__name__}: {e}"}
             log(f"fp8 section, {label}: FAILED {type(e).__name__}: {e}")
         gc.collect()
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return out
 
 

@@ -15,7 +15,7 @@ def smoke(tmp_path_factory):
     `hjcg serve` on the CPU (random:tiny-gqa), which loads while the in-process part runs."""
     out = tmp_path_factory.mktemp("bench-smoke")
     result = subprocess.run([sys.executable, "-m", "bench", "smoke", "--out", str(out), "--sections",
-                             "systems,concurrency,grpc_overhead,open_loop"], cwd=ROOT, capture_output=True, text=True,
+                             "systems,fp8,concurrency,grpc_overhead,open_loop"], cwd=ROOT, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, json.loads((out / "summary.json").read_text())
@@ -100,3 +100,10 @@ def test_a_flag_the_server_does_not_know_is_dropped_with_its_value():
     args = ["serve", "--model", "m", "--warm", "--max-batch", "32", "--queue-size", "128", "--x=1"]
     assert _drop(args, ["--max-batch", "--x"]) == ["serve", "--model", "m", "--warm", "--queue-size", "128"]
     assert _drop(args, ["--warm"]) == ["serve", "--model", "m", "--max-batch", "32", "--queue-size", "128", "--x=1"]
+
+
+def test_bench_smoke_compares_fp8_with_the_dtype(smoke):
+    fp8 = smoke[1]["fp8"]
+    assert fp8["fp16"]["weights"] == "float32" and fp8["fp8"]["weights"] == "fp8_e4m3"
+    assert fp8["decode_median_ms"] == fp8["fp8"]["decode_median_ms"] > 0 and set(fp8["ttft_median_ms"]) == {"10", "50"}
+    assert 0.25 < fp8["weight_bytes_ratio"] < 0.5  # e4m3 against float32, plus the lm head kept in float32
