@@ -1,0 +1,458 @@
+// fp8 (e4m3) weights (hjcg/fp8.py: W ~= q * w_scale[:, None], one float32 scale per output row):
+//
+// 1. The weight-streaming GEMV of a decode step or a short prompt chunk (B = 1..16 input rows):
+//      out[b, n] = residual[b, n] + s_b * (w_scale[n] * sum_k q[n, k] x'[b, k])
+//    with the fp16 GEMV's fusions (gemv_cuda.cu): x' = x, or silu(gate) * up of a [B, 2K] gate/up input;
+//    s_b = 1 / rms(x_b) when rms_eps >= 0 (the norm's weight folded into W before quantization), else 1;
+//    residual [B, N] may be out (in place). Activations and outputs fp16 or bf16, fp32 accumulation.
+// 2. quantize_rows: per-token e4m3 activations for the fp8 GEMMs (torch._scaled_mm) of longer chunks, the
+//    same rounding as hjcg.fp8.quantize_rows.
+//
+// Why tensor cores in a GEMV: e4m3 halves the bytes, so the kernel must take in twice the weights per second
+// of the fp16 one. On CUDA cores each weight costs a conversion to fp32 (two instructions per weight, e4m3x2
+// -> f16x2 -> 2 x f32) plus one FMA per input row: at 3 TB/s that is about 10 issue slots per weight, so the
+// loop would be compute-bound from about 4 rows (counted as for the fp16 kernel's notes; not measured). Here
+// the weights are converted once (one cvt.rn.f16x2.e4m3x2 per two weights; three more for bf16) and
+// multiplied by all input rows with mma.sync m16n8k16: A = the input rows (m: up to 16 rows; the rows past B
+// are zeros), B = 8 weight rows (n), C = fp32. One mma covers 8 weight rows x 16 columns for every input row,
+// so the work per byte hardly depends on B and 16 rows stream about as fast as 1.
+//
+// Layout. A block takes 8 weight rows; its `split` warps (kDefaultSplit) share them, each summing batches of
+// kDepth 64-column chunks in turn, and the block adds the warps' partial sums through shared memory at the end (a
+// block of N/8 rows alone would leave too few warps, and bytes in flight, for 4096-row matrices). In a chunk,
+// lane (g, t) = (lane / 4, lane % 4) loads 16 bytes (16 weights) of weight row g at columns 16t..16t+15 and the
+// same 16 columns of input rows g and g + 8: mma j (0..3) takes its columns 16t+4j..16t+4j+3 as the fragment
+// slots (2t, 2t+1, 2t+8, 2t+9) that PTX assigns the lane in A and in B, so both operands agree on which slot is
+// which column and the sum over a chunk's 64 columns is the dot product. x (a few KB to 350 KB) comes from L2 or
+// L1.
+//
+// Batch invariance: row b's result is bit-identical whatever B is. Every kernel instance runs the same
+// instructions for any B (B only says which lanes load input rows and which outputs are written); C[b][n] of
+// an mma depends on row b of A and column n of B alone; the chunk order, the warps' order in the final sum and
+// the norm's per-lane then shuffle then per-warp order are fixed. With silu_mul and B = 1 the activation is
+// computed in the kernel (each lane two values, moved into the fragments by shuffles); for B > 1 a small kernel
+// (gemv::silu_mul_rows) computes it first into a [B, K] buffer with the same expression (silu_mul_rounded):
+// computing B rows' activations in every block would make the kernel bound on the special-function units.
+// Measured (bench/results/2026-11-23-h100-fp8-lab): the Llama-2-7B chain in 3.01 ms at 1 row (2.19 TB/s; the
+// fp16 GEMV 4.72 ms, 2.80 TB/s), 3.11 ms at 8 rows, 4.74 ms at 16.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "gemv_common.cuh"
+#include "ops.h"
+
+namespace hjcg {
+namespace {
+
+using gemv::bit_cast;
+
+constexpr int kRowsPerBlock = 8;    // the mma's n
+constexpr int kMaxInputRows = 16;   // the mma's m
+constexpr int kChunk = 64;          // columns per warp and step: 4 lanes x 16 weights on each of the 8 rows
+constexpr int kLaneColumns = 16;    // one 16-byte load of e4m3 weights
+constexpr int kMaxSplit = 8;
+// The launch shape, from bench/lab/fp8_gemv.py's sweeps of the Llama-2-7B chain on the H100 (2026-11-23,
+// bench/results/2026-11-23-h100-fp8-lab): 8 warps per block sharing its rows, 2 chunks per warp and batch:
+// 2.98-3.03 ms at 1 row, 3.10-3.12 at 8 (4 warps: 3.10-3.13, 3.19-3.20; 4 chunks per batch: 3.19-3.64; 8 chunks:
+// 3.66-5.27, too many registers for enough warps; loading 4 rows x 128 bytes per instruction, whole lines, and
+// moving them into the fragments by shuffles: 3.48-4.05). At 16 rows 4 warps would do better (4.26 ms against
+// 4.74), but one shape serves every row count: the warps' partial sums, and so a row's bits, depend on it.
+constexpr int kDefaultSplit = 8;
+constexpr int kDefaultDepth = 2;
+constexpr float kFp8Max = 448.f;    // e4m3's largest finite value (hjcg.fp8.FP8_MAX)
+
+// Two e4m3 weights (the lower-indexed in the low byte) as one 32-bit word of T2, exactly, and the mma on T.
+template <typename T> struct Fp8Mma;
+template <> struct Fp8Mma<__half> {
+  static __device__ __forceinline__ uint32_t weights(uint16_t pair) {
+    return bit_cast<uint32_t>(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3));  // one instruction on sm_89+
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct Fp8Mma<__nv_bfloat16> {
+  // no e4m3 -> bf16 instruction: through f16 (exact: e4m3 values are f16 and bf16 values)
+  static __device__ __forceinline__ uint32_t weights(uint16_t pair) {
+    const float2 f = __half22float2(bit_cast<__half2>(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+    return bit_cast<uint32_t>(__floats2bfloat162_rn(f.x, f.y));  // one packing conversion
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+struct Fp8GemvArgs {
+  const void* x;          // [rows, K], or [1, 2K] = [gate, up] with kSiluMul
+  const uint8_t* q;       // [N, K] e4m3
+  const float* w_scale;   // [N]
+  int64_t k_dim, n_dim;
+  int rows;
+  float rms_eps;
+  const void* residual;   // [rows, N] or nullptr; may be out
+  void* out;              // [rows, N]
+};
+
+// A lane's streams: its weight row and its input rows (or, with kSiluMul, the gate and up values of its two
+// columns of the chunk) at its first column; chunk c is c * kChunk further on. 32-bit offsets (K < 2^30, checked on
+// the host) keep the per-chunk address arithmetic small. Everything past the rows or the columns reads as zeros.
+template <typename T, bool kSiluMul, bool kHi>
+struct LaneStreams {
+  static constexpr int kInputVectors = kSiluMul ? 1 : kHi ? 4 : 2;  // 16-byte vectors of input per chunk
+  const uint8_t* weights;  // row g of the block, column 16t
+  const T* lo;             // input row g, column 16t (kSiluMul: gate at column 2l)
+  const T* hi;             // input row g + 8, column 16t (kSiluMul: up at column 2l)
+  int k_dim, chunks;
+  int weight_column, input_column;  // the lane's first column in a chunk: 16t; 16t, or 2l with kSiluMul
+  bool has_lo, has_hi;              // whether the input rows exist
+
+  __device__ __forceinline__ uint4 weights_of(int c) const {
+    const int off = c * kChunk;
+    return off + weight_column < k_dim ? __ldcs(reinterpret_cast<const uint4*>(weights + off))
+                                       : make_uint4(0, 0, 0, 0);
+  }
+
+  // kSiluMul: v[0].x the gate pair, v[0].y the up pair; else v[0..1] row g's 16 values, v[2..3] row g + 8's.
+  __device__ __forceinline__ void inputs_of(int c, uint4 (&v)[kInputVectors]) const {
+#pragma unroll
+    for (auto& e : v) e = make_uint4(0, 0, 0, 0);
+    const int off = c * kChunk;
+    if (c >= chunks || off + input_column >= k_dim) return;
+    if constexpr (kSiluMul) {
+      v[0].x = __ldg(reinterpret_cast<const uint32_t*>(lo + off));
+      v[0].y = __ldg(reinterpret_cast<const uint32_t*>(hi + off));
+    } else {
+      if (has_lo) {
+        v[0] = __ldg(reinterpret_cast<const uint4*>(lo + off));
+        v[1] = __ldg(reinterpret_cast<const uint4*>(lo + off) + 1);
+      }
+      if constexpr (kHi) {
+        if (has_hi) {
+          v[2] = __ldg(reinterpret_cast<const uint4*>(hi + off));
+          v[3] = __ldg(reinterpret_cast<const uint4*>(hi + off) + 1);
+        }
+      }
+    }
+  }
+};
+
+// 16 values as 8 words of T2, columns 2i and 2i + 1 in word i.
+__device__ __forceinline__ void to_words(const uint4& a, const uint4& b, uint32_t (&words)[8]) {
+  const uint32_t v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) words[i] = v[i];
+}
+
+template <typename T>
+__device__ __forceinline__ float sum_squares(const uint32_t (&words)[8], float acc) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float2 f = gemv::word_to_float2<T>(words[i]);
+    acc = fmaf(f.x, f.x, acc);
+    acc = fmaf(f.y, f.y, acc);
+  }
+  return acc;
+}
+
+// The one-row activation of a chunk, spread over the warp: lane l computes columns 2l, 2l+1 of the chunk from its
+// gate and up words, and lane (g, t) takes the 16 columns 16t..16t+15 by shuffles (8 words); rows other than 0
+// (g != 0) get zeros.
+template <typename T>
+__device__ __forceinline__ void silu_mul_fragment(uint32_t gate, uint32_t up, int lane, uint32_t (&words)[8]) {
+  const float2 g = gemv::word_to_float2<T>(gate), u = gemv::word_to_float2<T>(up);
+  const uint32_t pair =
+      gemv::float2_to_word<T>(gemv::silu_mul_rounded<T>(g.x, u.x), gemv::silu_mul_rounded<T>(g.y, u.y));
+  const int t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t v = __shfl_sync(0xffffffffu, pair, 8 * t + i);  // columns 16t + 2i, 16t + 2i + 1
+    words[i] = lane < 4 ? v : 0u;
+  }
+}
+
+// kNorm: accumulate the rows' sums of squares (rms_eps >= 0). kHi: input rows 8..15 present (B > 8). kDepth:
+// chunks per warp and batch.
+template <typename T, bool kSiluMul, bool kNorm, bool kHi, int kDepth>
+__global__ void __launch_bounds__(kMaxSplit * 32) gemv_fp8_kernel(const Fp8GemvArgs a) {
+  static_assert(!(kSiluMul && (kNorm || kHi)), "the fused activation is for one row without the norm");
+  __shared__ float partial[kMaxSplit][kMaxInputRows][kRowsPerBlock];
+  __shared__ float partial_sq[kMaxSplit][kMaxInputRows];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int split = blockDim.x >> 5;
+  const int k_dim = static_cast<int>(a.k_dim), chunks = (k_dim + kChunk - 1) / kChunk, stride = split * kDepth;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  const T* x = static_cast<const T*>(a.x);
+  LaneStreams<T, kSiluMul, kHi> streams;
+  // rows past N (the last block) read row N - 1 and are not written
+  streams.weights = a.q + min(row0 + g, a.n_dim - 1) * a.k_dim + t * kLaneColumns;
+  if constexpr (kSiluMul) {
+    streams.lo = x + 2 * lane;
+    streams.hi = x + a.k_dim + 2 * lane;
+  } else {
+    streams.lo = x + static_cast<int64_t>(min(g, a.rows - 1)) * a.k_dim + t * kLaneColumns;
+    streams.hi = x + static_cast<int64_t>(min(g + 8, a.rows - 1)) * a.k_dim + t * kLaneColumns;
+  }
+  streams.k_dim = k_dim;
+  streams.chunks = chunks;
+  streams.weight_column = t * kLaneColumns;
+  streams.input_column = kSiluMul ? 2 * lane : t * kLaneColumns;
+  streams.has_lo = g < a.rows;
+  streams.has_hi = g + 8 < a.rows;
+
+  // Warp w takes kDepth consecutive chunks at a time (chunks (i * split + w) * kDepth + u), their loads issued
+  // back to back: 8 rows x kDepth * 64 contiguous bytes, the block's warps side by side. The next batch's
+  // weights are in flight while this one is summed; this batch's inputs (from L2 or L1) are all requested
+  // before the first is used. (Loading each chunk's input just before its mmas cost an L2 round trip per chunk:
+  // 1.9 TB/s; a ring refilling one chunk at a time spread a warp's weight loads out: 1.2-1.5 TB/s.)
+  uint4 next[kDepth];
+  auto load_weights = [&](int c0) {
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u) next[u] = streams.weights_of(c0 + u);
+  };
+  // C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1] (input row, weight row of the block), in two accumulators
+  // (even and odd chunks of a batch) so that an mma waits on the one before the last, not the last
+  float acc[2][4] = {};
+  float sq[2] = {};  // sums of squares of input rows g and g + 8 over this lane's columns
+  load_weights(warp * kDepth);
+  for (int c0 = warp * kDepth; c0 < chunks; c0 += stride) {
+    uint4 w[kDepth];
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u) w[u] = next[u];
+    if (c0 + stride < chunks) load_weights(c0 + stride);
+    uint4 in[kDepth][LaneStreams<T, kSiluMul, kHi>::kInputVectors];
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u) streams.inputs_of(c0 + u, in[u]);
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u) {
+      if (c0 + u >= chunks) break;  // uniform over the warp
+      uint32_t lo[8], hi[8] = {};  // input rows g and g + 8 at the lane's 16 columns
+      if constexpr (kSiluMul) {
+        silu_mul_fragment<T>(in[u][0].x, in[u][0].y, lane, lo);
+      } else {
+        to_words(in[u][0], in[u][1], lo);
+        if constexpr (kHi) to_words(in[u][2], in[u][3], hi);
+      }
+      if constexpr (kNorm) {
+        sq[0] = sum_squares<T>(lo, sq[0]);
+        if constexpr (kHi) sq[1] = sum_squares<T>(hi, sq[1]);
+      }
+      const uint32_t* wq = reinterpret_cast<const uint32_t*>(&w[u]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {  // the lane's columns 4j .. 4j + 3
+        const uint32_t frag[4] = {lo[2 * j], hi[2 * j], lo[2 * j + 1], hi[2 * j + 1]};
+        Fp8Mma<T>::mma(acc[u & 1], frag, Fp8Mma<T>::weights(static_cast<uint16_t>(wq[j] & 0xffffu)),
+                       Fp8Mma<T>::weights(static_cast<uint16_t>(wq[j] >> 16)));
+      }
+    }
+  }
+
+  partial[warp][g][2 * t] = acc[0][0] + acc[1][0];
+  partial[warp][g][2 * t + 1] = acc[0][1] + acc[1][1];
+  if constexpr (kHi) {
+    partial[warp][g + 8][2 * t] = acc[0][2] + acc[1][2];
+    partial[warp][g + 8][2 * t + 1] = acc[0][3] + acc[1][3];
+  }
+  if constexpr (kNorm) {  // over the 4 lanes of a row, then (below) over the warps in order
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      sq[r] += __shfl_xor_sync(0xffffffffu, sq[r], 1);
+      sq[r] += __shfl_xor_sync(0xffffffffu, sq[r], 2);
+    }
+    if (t == 0) {
+      partial_sq[warp][g] = sq[0];
+      if constexpr (kHi) partial_sq[warp][g + 8] = sq[1];
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < a.rows * kRowsPerBlock; i += blockDim.x) {
+    const int b = i / kRowsPerBlock, n = i % kRowsPerBlock;
+    const int64_t row = row0 + n;
+    if (row >= a.n_dim) continue;
+    float dot = 0.f, ss = 0.f;
+    for (int v = 0; v < split; ++v) {
+      dot += partial[v][b][n];
+      if constexpr (kNorm) ss += partial_sq[v][b];
+    }
+    const float scale = kNorm && a.rms_eps >= 0.f ? rsqrtf(ss / static_cast<float>(k_dim) + a.rms_eps) : 1.f;
+    const int64_t idx = b * a.n_dim + row;
+    const float base = a.residual != nullptr ? to_float(static_cast<const T*>(a.residual)[idx]) : 0.f;
+    static_cast<T*>(a.out)[idx] = from_float<T>(base + scale * (a.w_scale[row] * dot));
+  }
+}
+
+// One block per row: amax, the row's scale amax / 448 (1 for an all-zero row), then e4m3(x / scale) with
+// IEEE division and round-to-nearest-even, saturating: hjcg.fp8.quantize_rows on the GPU to the bit. 8 values per thread
+// and step; the second pass reads the row again from L1/L2.
+constexpr int kQuantThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const T* __restrict__ x, int64_t k_dim,
+                                                                       uint8_t* __restrict__ q,
+                                                                       float* __restrict__ scales) {
+  __shared__ float warp_amax[kQuantThreads / 32];
+  const T* row = x + blockIdx.x * k_dim;
+  auto values = [&](int64_t k, float (&v)[8]) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + k));
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = gemv::word_to_float2<T>(w[i]);
+      v[2 * i] = f.x;
+      v[2 * i + 1] = f.y;
+    }
+  };
+  const int64_t step = static_cast<int64_t>(blockDim.x) * 8;
+  float amax = 0.f;
+  for (int64_t k = threadIdx.x * 8; k < k_dim; k += step) {
+    float v[8];
+    values(k, v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if ((threadIdx.x & 31) == 0) warp_amax[threadIdx.x >> 5] = amax;
+  __syncthreads();
+  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) amax = fmaxf(amax, warp_amax[w]);
+  // amax * (1 / 448), not amax / 448: torch on CUDA divides by a scalar that way (a multiplication by the
+  // float32 reciprocal), so hjcg.fp8.quantize_rows run on the GPU gives these bits
+  const float scale = amax > 0.f ? __fmul_rn(amax, 1.f / kFp8Max) : 1.f;
+  if (threadIdx.x == 0) scales[blockIdx.x] = scale;
+  uint8_t* out = q + blockIdx.x * k_dim;
+  for (int64_t k = threadIdx.x * 8; k < k_dim; k += step) {
+    float v[8];
+    values(k, v);
+    uint16_t pairs[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = make_float2(fminf(fmaxf(__fdiv_rn(v[2 * i], scale), -kFp8Max), kFp8Max),
+                                   fminf(fmaxf(__fdiv_rn(v[2 * i + 1], scale), -kFp8Max), kFp8Max));
+      pairs[i] = __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3);
+    }
+    *reinterpret_cast<uint2*>(out + k) = bit_cast<uint2>(pairs);
+  }
+}
+
+// How a call runs: warps per block and chunks per warp and batch (the lab's knobs; the defaults above).
+struct Fp8GemvShape {
+  int split, depth;
+};
+
+template <typename T, bool kSiluMul, bool kNorm, bool kHi>
+void launch_gemv_fp8(const Fp8GemvArgs& a, Fp8GemvShape shape, cudaStream_t stream) {
+  const int64_t blocks = (a.n_dim + kRowsPerBlock - 1) / kRowsPerBlock;
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "gemv_fp8: weight has too many rows");
+  const auto run = [&](auto kernel) {
+    kernel<<<static_cast<int>(blocks), shape.split * 32, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (shape.depth == 2) return run(gemv_fp8_kernel<T, kSiluMul, kNorm, kHi, 2>);
+  run(gemv_fp8_kernel<T, kSiluMul, kNorm, kHi, 4>);  // 4, checked on entry
+}
+
+template <typename T>
+void dispatch_gemv_fp8(const Fp8GemvArgs& a, bool silu_mul, Fp8GemvShape shape, cudaStream_t stream) {
+  const bool norm = a.rms_eps >= 0.f, hi = a.rows > kRowsPerBlock;
+  if (silu_mul) return launch_gemv_fp8<T, true, false, false>(a, shape, stream);
+  if (norm && hi) return launch_gemv_fp8<T, false, true, true>(a, shape, stream);
+  if (norm) return launch_gemv_fp8<T, false, true, false>(a, shape, stream);
+  if (hi) return launch_gemv_fp8<T, false, false, true>(a, shape, stream);
+  launch_gemv_fp8<T, false, false, false>(a, shape, stream);
+}
+
+bool half_or_bf16(const torch::Tensor& t) {
+  return t.scalar_type() == torch::kFloat16 || t.scalar_type() == torch::kBFloat16;
+}
+
+}  // namespace
+
+bool gemv_fp8_supported(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
+  if (!x.is_cuda() || !half_or_bf16(x) || x.dim() != 2 || x.size(0) < 1 || x.size(0) > kMaxInputRows ||
+      !x.is_contiguous() || q.dim() != 2 || q.scalar_type() != torch::kFloat8_e4m3fn || q.device() != x.device() ||
+      !q.is_contiguous() || scale.dim() != 1 || scale.scalar_type() != torch::kFloat32 || scale.device() != x.device() ||
+      !scale.is_contiguous() || scale.numel() != q.size(0))
+    return false;
+  const int64_t k_dim = q.size(1);
+  return q.size(0) > 0 && k_dim > 0 && k_dim % kLaneColumns == 0 && k_dim < (int64_t{1} << 30) &&
+         (x.size(1) == k_dim || x.size(1) == 2 * k_dim) && gemv::aligned16(x) && gemv::aligned16(q);
+}
+
+void gemv_fp8_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, double rms_eps,
+                   bool silu_mul, const c10::optional<torch::Tensor>& residual, const torch::Tensor& out,
+                   int64_t split, int64_t depth) {
+  // Literal messages only: in this build a failing TORCH_CHECK whose message is formatted in a .cu file (c10::str
+  // building a std::string here) crashed the process instead of raising (measured on the H100 with gemv's own
+  // check, 2026-11-23); a literal message is passed to libtorch as it is.
+  TORCH_CHECK(gemv_fp8_supported(x, q, scale),
+              "gemv_fp8: x must be a contiguous fp16/bf16 [B, K] (or [B, 2K] with silu_mul), 1 <= B <= 16, q a "
+              "contiguous float8_e4m3fn [N, K] and scale a contiguous float32 [N] on x's device, K % 16 == 0 and "
+              "K < 2^30, x and q 16-byte aligned");
+  const int64_t rows = x.size(0), k_dim = q.size(1), n_dim = q.size(0);
+  TORCH_CHECK(x.size(1) == (silu_mul ? 2 * k_dim : k_dim),
+              "gemv_fp8: x must be [B, K] (K = q's columns), or [B, 2K] = [gate, up] with silu_mul");
+  TORCH_CHECK(!(silu_mul && rms_eps >= 0), "gemv_fp8: the norm and silu_mul do not combine");
+  TORCH_CHECK(split >= 0 && split <= kMaxSplit, "gemv_fp8: split must be 0 (the default) to 8");
+  TORCH_CHECK(depth == 0 || depth == 2 || depth == 4, "gemv_fp8: depth must be 0 (the default), 2 or 4");
+  gemv::check_rows_tensor(out, x, rows, n_dim);
+  TORCH_CHECK(!gemv::overlaps(out, x) && !gemv::overlaps(out, q) && !gemv::overlaps(out, scale),
+              "gemv_fp8: out must not overlap x, q or scale");
+  if (residual) {
+    gemv::check_rows_tensor(*residual, x, rows, n_dim);
+    TORCH_CHECK(residual->data_ptr() == out.data_ptr() || !gemv::overlaps(*residual, out),
+                "gemv_fp8: residual must be out itself (in place) or not overlap it");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool half = x.scalar_type() == torch::kFloat16;
+  Fp8GemvArgs args{x.data_ptr(), static_cast<const uint8_t*>(q.data_ptr()), scale.data_ptr<float>(), k_dim, n_dim,
+                   static_cast<int>(rows), static_cast<float>(rms_eps), residual ? residual->data_ptr() : nullptr,
+                   out.data_ptr()};
+  // with silu_mul and several rows, the activation is computed once for all blocks (kept alive to the launch)
+  const torch::Tensor act = silu_mul && rows > 1 ? gemv::silu_mul_rows(x, k_dim, stream) : torch::Tensor();
+  if (act.defined()) {
+    args.x = act.data_ptr();
+    silu_mul = false;
+  }
+  const Fp8GemvShape shape{split != 0 ? static_cast<int>(split) : kDefaultSplit,
+                           depth != 0 ? static_cast<int>(depth) : kDefaultDepth};
+  if (half) dispatch_gemv_fp8<__half>(args, silu_mul, shape, stream);
+  else dispatch_gemv_fp8<__nv_bfloat16>(args, silu_mul, shape, stream);
+}
+
+void quantize_rows_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
+  TORCH_CHECK(x.is_cuda() && half_or_bf16(x) && x.dim() == 2 && x.is_contiguous() && x.size(1) % 8 == 0 &&
+                  gemv::aligned16(x),
+              "quantize_rows: x must be a contiguous fp16/bf16 CUDA [S, K], K % 8 == 0, 16-byte aligned");
+  TORCH_CHECK(q.device() == x.device() && q.scalar_type() == torch::kFloat8_e4m3fn && q.is_contiguous() &&
+                  q.sizes() == x.sizes() && reinterpret_cast<uintptr_t>(q.data_ptr()) % 8 == 0,
+              "quantize_rows: q must be a contiguous float8_e4m3fn of x's shape on x's device, 8-byte aligned");
+  TORCH_CHECK(scale.device() == x.device() && scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() &&
+                  scale.numel() == x.size(0),
+              "quantize_rows: scale must be a contiguous float32 [S] on x's device");
+  if (x.size(0) == 0) return;
+  TORCH_CHECK(x.size(0) <= std::numeric_limits<int>::max(), "quantize_rows: too many rows");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    quantize_rows_kernel<T><<<static_cast<int>(x.size(0)), kQuantThreads, 0, stream>>>(
+        reinterpret_cast<const T*>(x.data_ptr()), x.size(1), static_cast<uint8_t*>(q.data_ptr()),
+        scale.data_ptr<float>());
+  };
+  if (x.scalar_type() == torch::kFloat16) launch(__half{});
+  else launch(__nv_bfloat16{});
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace hjcg
