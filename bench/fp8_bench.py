@@ -85,10 +85,9 @@ def quality(log=print) -> dict:
         out["perplexity"][label] = perplexity(engine.model, ids, ops=engine.runner.ops)
         answers = {}
         for question in CHAT_QUESTIONS:
-            prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                                          add_generation_prompt=True, tokenize=True)
-            if isinstance(prompt, dict):
-                prompt = prompt["input_ids"]
+            text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                        add_generation_prompt=True, tokenize=False)
+            prompt = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
             tokens = [e.id for e in engine.generate(GenerationRequest(list(prompt), 40))
                       if isinstance(e, TokenOutput)]
             answers[question] = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
