@@ -56,7 +56,7 @@ def render(results: Path) -> str:
            f"weights, greedy, EOS ignored. Floors measured in the same run: copy "
            f"{s['floors']['copy_TBps']:.2f} TB/s, fp16 matmul {s['floors']['matmul_TFLOPs']:.0f} TFLOP/s, decode floor "
            f"{m['floors']['decode_floor_ms']:.2f} ms/token. Data: [`{rel}/`]({rel}/) "
-           f"(summary.json, ttft.csv, decode.csv, {_caller_files(s)}raw*.json, profile.txt, gpu_tests.log).", ""]
+           f"({_data_files(results)}).", ""]
     out += _targets(m)
     out += ["**Time to first token, median ms (p99)**, prompt ids on the host to the first token id on the host:", ""]
     out.append("| system | " + " | ".join(str(n) for n in lengths) + " |")
@@ -125,10 +125,13 @@ def render(results: Path) -> str:
     return "\n".join(out)
 
 
-def _caller_files(s: dict) -> str:
-    names = [name for key, name in (("concurrency", "concurrency.csv"), ("open_loop", "open_loop.csv"))
-             if "error" not in s.get(key, {"error": None})]
-    return "".join(f"{n}, " for n in names)
+def _data_files(results: Path) -> str:
+    """The run's data files that are there (a short run has no profile.txt, a split one several raw-*.json)."""
+    names = [p.name for p in sorted(results.iterdir()) if p.is_file() and p.suffix in (".json", ".csv", ".txt", ".log")
+             and not p.name.startswith("raw")]
+    if any(results.glob("raw*.json")):
+        names.append("raw*.json")
+    return ", ".join(names)
 
 
 def _many_callers(s: dict) -> list[str]:

@@ -94,3 +94,10 @@ def test_readme_block_runs_as_printed(block: Block, request, tmp_path):
         out = _run(["node", "-"], block.body, ROOT, env)
     if "What is the capital of France?" in block.body and "--system" not in block.body:
         assert "Paris" in out
+
+
+def test_performance_section_names_only_files_the_run_has():
+    line = next(l for l in README.read_text(encoding="utf-8").splitlines() if l.startswith("Measured on **"))
+    results = ROOT / re.search(r"\[`([^`]+)/`\]", line).group(1)
+    named = re.search(r"\(([^()]*)\)\.$", line).group(1).split(", ")
+    assert named and all(any(results.glob(n)) for n in named), named
