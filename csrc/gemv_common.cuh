@@ -1,7 +1,5 @@
-// Helpers of the weight-streaming GEMVs: the activation's rounding and its several-row kernel, pairs of 16-bit
-// values, and the host-side checks on their tensors. gemv_fp8_cuda.cu uses them; gemv_cuda.cu (the fp16 GEMV)
-// still has its own copies of load_input's rounding, silu_mul_rows_kernel, aligned16 and overlaps, which these
-// match.
+// Helpers of the weight-streaming GEMVs (gemv_cuda.cu, gemv_fp8_cuda.cu): the activation's rounding and its
+// several-row kernel, pairs of 16-bit values, and the host-side checks on their tensors.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -9,6 +7,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "cuda_utils.cuh"
 
@@ -86,11 +85,12 @@ inline torch::Tensor silu_mul_rows(const torch::Tensor& gate_up, int64_t k_dim, 
   constexpr int kThreads = 256;
   const torch::Tensor act = torch::empty({gate_up.size(0), k_dim}, gate_up.options());
   const int64_t vectors = gate_up.size(0) * (k_dim / 8);
-  const int blocks = static_cast<int>((vectors + kThreads - 1) / kThreads);
+  const int64_t blocks = (vectors + kThreads - 1) / kThreads;
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "gemv: x is too large for the activation kernel");
   auto launch = [&](auto tag) {
     using T = decltype(tag);
-    silu_mul_rows_kernel<T><<<blocks, kThreads, 0, stream>>>(reinterpret_cast<const T*>(gate_up.data_ptr()), k_dim,
-                                                             vectors, reinterpret_cast<T*>(act.data_ptr()));
+    silu_mul_rows_kernel<T><<<static_cast<int>(blocks), kThreads, 0, stream>>>(
+        reinterpret_cast<const T*>(gate_up.data_ptr()), k_dim, vectors, reinterpret_cast<T*>(act.data_ptr()));
   };
   if (gate_up.scalar_type() == torch::kFloat16) launch(__half{});
   else launch(__nv_bfloat16{});

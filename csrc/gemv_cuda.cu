@@ -23,6 +23,7 @@
 #include <limits>
 
 #include "cuda_utils.cuh"
+#include "gemv_common.cuh"
 #include "ops.h"
 
 namespace hjcg {
@@ -52,12 +53,10 @@ template <typename T> struct Pair;
 template <> struct Pair<__half> {
   using type = __half2;
   static __device__ __forceinline__ float2 to_float2(__half2 v) { return __half22float2(v); }
-  static __device__ __forceinline__ __half2 from_float2(float a, float b) { return __floats2half2_rn(a, b); }
 };
 template <> struct Pair<__nv_bfloat16> {
   using type = __nv_bfloat162;
   static __device__ __forceinline__ float2 to_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
-  static __device__ __forceinline__ __nv_bfloat162 from_float2(float a, float b) { return __floats2bfloat162_rn(a, b); }
 };
 
 template <typename T>
@@ -72,16 +71,6 @@ __device__ __forceinline__ void unpack8(const uint4& v, float* out) {
   }
 }
 
-template <typename T>
-__device__ __forceinline__ uint4 pack8(const float* in) {
-  using P = Pair<T>;
-  uint4 v;
-  auto* p = reinterpret_cast<typename P::type*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) p[i] = P::from_float2(in[2 * i], in[2 * i + 1]);
-  return v;
-}
-
 // The eight input values at k: x[k..k+8), or silu(gate) * up rounded to T as transformers rounds it.
 template <typename T, bool kSiluMul>
 __device__ __forceinline__ void load_input(const T* __restrict__ x, int64_t k, int64_t k_dim, float* out) {
@@ -90,10 +79,7 @@ __device__ __forceinline__ void load_input(const T* __restrict__ x, int64_t k, i
     unpack8<T>(__ldg(reinterpret_cast<const uint4*>(x + k)), g);
     unpack8<T>(__ldg(reinterpret_cast<const uint4*>(x + k_dim + k)), u);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float silu = to_float(from_float<T>(g[i] / (1.f + __expf(-g[i]))));
-      out[i] = to_float(from_float<T>(silu * u[i]));
-    }
+    for (int i = 0; i < 8; ++i) out[i] = gemv::silu_mul_rounded<T>(g[i], u[i]);
   } else {
     unpack8<T>(__ldg(reinterpret_cast<const uint4*>(x + k)), out);
   }
@@ -228,19 +214,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kWideMinBlocksPerSm) gemv
   gemv_warp<T, false, NB, kWideRowsPerWarp, kNorm>(x, weight, k_dim, n_dim, rms_eps, residual, out);
 }
 
-// act [B, K] = silu(gate) * up of gate_up [B, 2K], each value rounded to T as load_input<T, true> rounds it
-// (so the GEMV that reads act sums the very values the fused one-row kernel sums). One thread per 8 values.
-template <typename T>
-__global__ void silu_mul_rows_kernel(const T* __restrict__ gate_up, int64_t k_dim, int64_t vectors,
-                                     T* __restrict__ act) {
-  const int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (v >= vectors) return;
-  const int64_t per_row = k_dim / 8, b = v / per_row, k = (v - b * per_row) * 8;
-  float values[8];
-  load_input<T, true>(gate_up + b * 2 * k_dim, k, k_dim, values);
-  *reinterpret_cast<uint4*>(act + b * k_dim + k) = pack8<T>(values);
-}
-
 struct GemvArgs {
   const void* x;
   const void* weight;
@@ -291,26 +264,6 @@ void dispatch(const GemvArgs& a, int64_t rows, bool silu_mul, cudaStream_t strea
   }
 }
 
-template <typename T>
-void launch_silu_mul_rows(const torch::Tensor& gate_up, int64_t k_dim, const torch::Tensor& act, cudaStream_t stream) {
-  constexpr int kThreads = 256;
-  const int64_t vectors = gate_up.size(0) * (k_dim / 8);
-  const int64_t blocks = (vectors + kThreads - 1) / kThreads;
-  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "gemv: x is too large for the activation kernel");
-  silu_mul_rows_kernel<T><<<static_cast<int>(blocks), kThreads, 0, stream>>>(
-      reinterpret_cast<const T*>(gate_up.data_ptr()), k_dim, vectors, reinterpret_cast<T*>(act.data_ptr()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-bool aligned16(const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
-
-// Whether two contiguous tensors' bytes overlap.
-bool overlaps(const torch::Tensor& a, const torch::Tensor& b) {
-  const auto* pa = static_cast<const char*>(a.data_ptr());
-  const auto* pb = static_cast<const char*>(b.data_ptr());
-  return a.numel() > 0 && b.numel() > 0 && pa < pb + b.nbytes() && pb < pa + a.nbytes();
-}
-
 }  // namespace
 
 bool gemv_supported(const torch::Tensor& x, const torch::Tensor& weight) {
@@ -321,7 +274,7 @@ bool gemv_supported(const torch::Tensor& x, const torch::Tensor& weight) {
     return false;
   const int64_t k_dim = weight.size(1);
   return weight.size(0) > 0 && k_dim > 0 && k_dim % 8 == 0 && (x.size(1) == k_dim || x.size(1) == 2 * k_dim) &&
-         aligned16(x) && aligned16(weight);  // 16-byte loads
+         gemv::aligned16(x) && gemv::aligned16(weight);  // 16-byte loads
 }
 
 void gemv_cuda(const torch::Tensor& x, const torch::Tensor& weight, double rms_eps, bool silu_mul,
@@ -338,13 +291,13 @@ void gemv_cuda(const torch::Tensor& x, const torch::Tensor& weight, double rms_e
                   out.numel() == rows * n_dim,
               "gemv: out must be a contiguous [B, N] = [", rows, ", ", n_dim, "] of x's dtype on x's device, got ",
               out.sizes(), " ", out.scalar_type(), " on ", out.device());
-  TORCH_CHECK(!overlaps(out, x) && !overlaps(out, weight), "gemv: out must not overlap x or weight");
+  TORCH_CHECK(!gemv::overlaps(out, x) && !gemv::overlaps(out, weight), "gemv: out must not overlap x or weight");
   if (residual) {
     TORCH_CHECK(residual->device() == x.device() && residual->scalar_type() == x.scalar_type() &&
                     residual->is_contiguous() && residual->numel() == rows * n_dim,
                 "gemv: residual must be a contiguous [B, N] = [", rows, ", ", n_dim, "] of x's dtype on x's device, "
                 "got ", residual->sizes(), " ", residual->scalar_type(), " on ", residual->device());
-    TORCH_CHECK(residual->data_ptr() == out.data_ptr() || !overlaps(*residual, out),
+    TORCH_CHECK(residual->data_ptr() == out.data_ptr() || !gemv::overlaps(*residual, out),
                 "gemv: residual must be out itself (in place) or not overlap it");
   }
   const c10::cuda::CUDAGuard guard(x.device());
@@ -354,9 +307,7 @@ void gemv_cuda(const torch::Tensor& x, const torch::Tensor& weight, double rms_e
                 residual ? residual->data_ptr() : nullptr, out.data_ptr()};
   torch::Tensor act;  // with silu_mul and several rows: the activation, computed once for all warps
   if (silu_mul && rows > 1) {
-    act = torch::empty({rows, k_dim}, x.options());
-    if (half) launch_silu_mul_rows<__half>(x, k_dim, act, stream);
-    else launch_silu_mul_rows<__nv_bfloat16>(x, k_dim, act, stream);
+    act = gemv::silu_mul_rows(x, k_dim, stream);
     args.x = act.data_ptr();
     silu_mul = false;
   }
