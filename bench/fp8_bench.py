@@ -115,7 +115,7 @@ def fp8_summary(speed_raw: dict | None, quality_raw: dict | None) -> dict:
                           "ttft_median_ms": {str(n): summary(v)["median_ms"] for n, v in r["ttft"].items()},
                           "ttft_p99_ms": {str(n): summary(v)["p99_ms"] for n, v in r["ttft"].items()},
                           "weight_bytes": r["weight_bytes"], "weights": r["weights"]}
-        out.update({k: v for k, v in out.get("fp8", {}).items()})  # the issue reads the fp8 figures at the top
+        out.update(out.get("fp8", {}))  # the issue reads the fp8 figures at the top
         if "weight_bytes" in out.get("fp16", {}) and "weight_bytes" in out.get("fp8", {}):
             out["weight_bytes_ratio"] = out["fp8"]["weight_bytes"] / out["fp16"]["weight_bytes"]
     if quality_raw:

@@ -45,6 +45,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cli(*args, target: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """hjcg-client with `args` against `target` (env: the process environment, e.g. with HJCG_AUTH_TOKEN)."""
+    return subprocess.run([sys.executable, "-m", "hjcg_client.cli", "--target", target, *args],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+
+
 class ServerProcess:
     """`hjcg serve` in a child process, with its addresses and log."""
 

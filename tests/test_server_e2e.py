@@ -2,25 +2,17 @@
 import json
 import os
 import stat
-import subprocess
-import sys
-import threading
 import time
 
 import grpc
 import pytest
 import torch
 
-from conftest import ROOT, ServerProcess
+from conftest import ServerProcess, cli
 from hjcg.v1 import hjcg_pb2 as pb
 from hjcg_client import HjcgClient
 
 QUESTION = [("user", "What is the capital of France?")]
-
-
-def cli(*args, target):
-    return subprocess.run([sys.executable, "-m", "hjcg_client.cli", "--target", target, *args],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def test_chat_answer_streams_over_tcp_and_unix_socket(server):

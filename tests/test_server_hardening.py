@@ -6,15 +6,13 @@ calls, or the CLI's main()."""
 import os
 import re
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 
 import grpc
 import pytest
 
-from conftest import ServerProcess, free_port
+from conftest import ServerProcess, cli, free_port
 from hjcg.v1 import hjcg_pb2 as pb
 from hjcg_client import HjcgClient
 from hjcg_server.cli import main
@@ -227,8 +225,7 @@ def test_weights_flag_is_reported_by_status(guarded):
     with HjcgClient(guarded.tcp, token=TOKEN) as client:
         model = client.status().model
         assert (model.dtype, model.weights) == ("float32", "fp8_e4m3")
-    status = subprocess.run([sys.executable, "-m", "hjcg_client.cli", "status", "--target", guarded.tcp],
-                            capture_output=True, text=True, timeout=60, env={**os.environ, "HJCG_AUTH_TOKEN": TOKEN})
+    status = cli("status", target=guarded.tcp, env={**os.environ, "HJCG_AUTH_TOKEN": TOKEN})
     assert "float32, weights fp8_e4m3" in status.stdout, status.stderr
 
 
