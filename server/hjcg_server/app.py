@@ -20,7 +20,10 @@ from grpc_reflection.v1alpha import reflection
 
 from hjcg.config import EngineConfig
 from hjcg.engine import Engine, freeze_heap
+from hjcg_server.http_front import HttpFront
 from hjcg_server.metrics import Metrics
+from hjcg_server.openai_api import FrontState
+from hjcg_server.openai_jobs import HttpJob
 from hjcg_server.security import BearerTokenInterceptor, server_credentials
 from hjcg_server.servicer import SERVICE, HjcgServicer, add_to_server
 from hjcg_server.worker import EngineWorker
@@ -190,6 +193,7 @@ class ServerOptions:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     threads: int | None = None  # torch CPU threads; None: default_threads()
+    http_listen: str | None = None  # the OpenAI-compatible HTTP front's address; None: no HTTP front
 
 
 class HjcgServer:
@@ -221,6 +225,10 @@ class HjcgServer:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._unix_paths = [a.path for a in self.addresses if a.is_unix]
         self.bound = self._bind()
+        # Bound now, like the gRPC ports: a busy address fails the start before the model loads.
+        self.http = (HttpFront(parse_listen_address(options.http_listen),
+                               FrontState(self.metrics, options.auth_token, started=self.servicer.started))
+                     if options.http_listen else None)
 
     def _bind(self) -> list[str]:
         """Binds every address; returns them as bound (port 0 -> the real port)."""
@@ -260,6 +268,9 @@ class HjcgServer:
         if self.options.metrics_port is not None:
             self.metrics.serve(self.options.metrics_port, self.options.metrics_host)
         log.info("listening on %s (model loading)", ", ".join(self.bound))
+        if self.http is not None:
+            self.http.start()
+            log.info("HTTP (OpenAI-compatible API) on http://%s (model loading)", self.http.bound)
         log.info("torch CPU threads: %d (%s)", threads, "--threads" if self.options.threads
                  else "the CPUs this process may use")
         self._warn_if_open()
@@ -268,6 +279,8 @@ class HjcgServer:
         """Says so when anyone on the network may use the model: a non-loopback address, no authentication."""
         o = self.options
         exposed = [b for a, b in zip(self.addresses, self.bound) if not a.is_loopback()]
+        if self.http is not None and not self.http.address.is_loopback():
+            exposed.append(f"http://{self.http.bound}")
         if not exposed or o.auth_token or o.tls_client_ca:
             return
         tls = " (TLS encrypts the traffic but checks no client)" if o.tls_cert else ""
@@ -287,18 +300,30 @@ class HjcgServer:
         # of microseconds per token; with Python's default 5 ms switch interval a thread woken by a token (or
         # the engine thread woken by the GPU) could wait up to that long for the GIL behind a busy neighbour.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        self.worker = EngineWorker(engine, self.options.queue_size, on_job_done=self.servicer.job_done)
+        self.worker = EngineWorker(engine, self.options.queue_size, on_job_done=self._job_done)
         self.servicer.attach(engine, self.worker)
+        if self.http is not None:
+            self.http.attach(engine, self.worker)
         self.metrics.watch(self.worker, engine)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s (%s, mode %s)", engine.model_name, ", ".join(self.bound),
+        http = [f"http://{self.http.bound}"] if self.http is not None else []
+        log.info("serving %s on %s (%s, mode %s)", engine.model_name, ", ".join(self.bound + http),
                  engine.device_name(), engine.config.mode)
+
+    def _job_done(self, job, finish) -> None:
+        """The worker's report of a finished job, to the front that submitted it."""
+        if isinstance(job.rpc, HttpJob):
+            job.rpc.job_done(job, finish)
+        else:
+            self.servicer.job_done(job, finish)
 
     def shutdown(self) -> None:
         """Stops new work, lets running requests finish within the grace period, cancels the rest."""
         if self._stopped.is_set():
             return
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.http is not None:
+            self.http.start_draining()
         pending = self.worker.stop_accepting() if self.worker is not None else 0
         if pending:
             log.info("shutting down: draining %d request(s) for up to %.0f s", pending, self.options.grace_s)
@@ -308,9 +333,13 @@ class HjcgServer:
             if not self.worker.drain(self.options.grace_s):
                 log.warning("grace period over; ending the requests still running with UNAVAILABLE")
             self.servicer.shutting_down = True
+            if self.http is not None:
+                self.http.grace_over()
             self.worker.stop()
         self.servicer.shutting_down = True
         self.grpc_server.stop(grace=2.0).wait()
+        if self.http is not None:
+            self.http.stop()
         for path in self._unix_paths:
             if os.path.exists(path):
                 os.unlink(path)

@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", action="append", metavar="ADDRESS", type=_listen_address,
                    help="host:port, [ipv6]:port or unix:/path to listen on; port 0 takes any free port; repeat "
                    f"for several (default: {DEFAULT_LISTEN})")
+    s.add_argument("--http-listen", metavar="ADDRESS", type=_listen_address,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
+                   "/v1/chat/completions) and the built-in page on host:port, [ipv6]:port or unix:/path, in the same "
+                   "process and with the same model, limits and token (default: none, gRPC only)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     s.add_argument("--dtype", default="auto",
                    help="auto (float32 on the CPU, float16 on CUDA), float32, float16 or bfloat16 "
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             engine=engine, listen=args.listen or [DEFAULT_LISTEN], queue_size=args.queue_size,
             grace_s=args.grace, warm=args.warm, auth_token=_auth_token(args.auth_token_file),
             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-            metrics_port=args.metrics_port, threads=args.threads)
+            metrics_port=args.metrics_port, threads=args.threads, http_listen=args.http_listen)
         if options.queue_size < 1:
             raise ValueError("--queue-size must be >= 1")
         return serve(options)
