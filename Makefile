@@ -8,7 +8,7 @@ PORT ?= 50051
 DEMO_MODEL ?= smollm2
 CMAKE_BUILD := build/cmake
 
-.PHONY: install demo serve test test-python test-cpp node-deps lint-proto stubs clean
+.PHONY: install demo serve test test-python test-cpp node-deps browser-deps lint-proto stubs clean
 
 $(BIN)/python:
 	@echo "==> creating the virtual environment $(VENV)"
@@ -34,7 +34,7 @@ demo: install
 serve: install
 	$(BIN)/hjcg serve --listen 127.0.0.1:$(PORT)
 
-test: install node-deps lint-proto test-python test-cpp
+test: install node-deps browser-deps lint-proto test-python test-cpp
 
 # npm packages from the committed lock files: the Node.js client's (its test against a live server) and
 # proto/'s tools (buf). Where npm is absent those tests are skipped (and fail under CI=1).
@@ -42,6 +42,22 @@ node-deps:
 	@if command -v npm > /dev/null; then \
 	  (cd client/node && npm ci --no-audit --no-fund --silent) && (cd proto && npm ci --no-audit --no-fund --silent); \
 	  else echo "npm not found: the Node client test and buf lint will be skipped"; fi
+
+# Debian's Chromium and its WebDriver, for the built-in page's test in a real browser (tests/test_web_page.py);
+# apt-get through sudo when not root. Where they cannot be installed that test is skipped (and fails under CI=1).
+BROWSER_PACKAGES := chromium chromium-driver
+browser-deps:
+	@if command -v chromedriver > /dev/null; then :; \
+	  elif ! command -v apt-get > /dev/null; then \
+	    echo "apt-get not found: install Chromium and chromedriver ($(BROWSER_PACKAGES) on Debian) for the browser test"; \
+	  else \
+	    if [ "$$(id -u)" = 0 ]; then sudo=""; elif command -v sudo > /dev/null; then sudo=sudo; \
+	    else echo "not root and no sudo: run as root: apt-get install $(BROWSER_PACKAGES)"; exit 0; fi; \
+	    echo "==> $(BROWSER_PACKAGES) (apt) for the browser test"; \
+	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q > /dev/null && \
+	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BROWSER_PACKAGES) > /dev/null \
+	    || echo "apt-get could not install $(BROWSER_PACKAGES): the browser test will be skipped"; \
+	  fi
 
 # buf's style checks over proto/ (its exceptions, with their reasons, are in proto/buf.yaml)
 lint-proto:

@@ -50,7 +50,7 @@ setup(
     python_requires=">=3.10",
     packages=["hjcg", "hjcg.v1", "hjcg_server", "hjcg_client"],
     package_dir={"hjcg_server": "server/hjcg_server", "hjcg_client": "client/hjcg_client"},
-    package_data={"hjcg.v1": ["*.pyi"]},
+    package_data={"hjcg.v1": ["*.pyi"], "hjcg_server": ["web/*"]},  # web/: the built-in page's files
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     entry_points={

@@ -16,6 +16,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import Counter, Histogram
 
+from hjcg_server.openai_errors import OpenAIError
+
 WEB_DIR = Path(__file__).resolve().parent / "web"
 
 
@@ -37,10 +39,8 @@ async def _index() -> FileResponse:
 
 async def _stats(request: Request) -> JSONResponse:
     state = request.app.state.hjcg
-    if state.engine is None:
-        return JSONResponse(status_code=503, content={"error": {
-            "message": "the model is still loading; try again shortly", "type": "server_error",
-            "code": "model_loading"}})
+    if state.engine is None:  # still answers while draining: the live view shows the last streams end
+        raise OpenAIError(503, "the model is still loading; retry shortly", code="model_loading")
     return JSONResponse(stats(state), headers={"Cache-Control": "no-store"})
 
 
