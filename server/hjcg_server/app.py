@@ -333,8 +333,6 @@ class HjcgServer:
             if not self.worker.drain(self.options.grace_s):
                 log.warning("grace period over; ending the requests still running with UNAVAILABLE")
             self.servicer.shutting_down = True
-            if self.http is not None:
-                self.http.grace_over()
             self.worker.stop()
         self.servicer.shutting_down = True
         self.grpc_server.stop(grace=2.0).wait()

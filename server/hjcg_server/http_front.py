@@ -75,15 +75,11 @@ class HttpFront:
             log.exception("the HTTP front stopped")
 
     def attach(self, engine: Engine, worker: EngineWorker) -> None:
-        self.state.engine, self.state.worker = engine, worker
+        self.state.attach(engine, worker)
 
     def start_draining(self) -> None:
         """New requests get 503 from now on; running ones go on (the worker drains them)."""
         self.state.draining = True
-
-    def grace_over(self) -> None:
-        """Before the worker cancels what is left: those requests end with 503, not as finished."""
-        self.state.shut_down = True
 
     def stop(self) -> None:
         """After the worker has stopped: closes the listener and the connections left."""

@@ -92,11 +92,10 @@ class HttpJob:
 class Generation:
     """The jobs of one HTTP request (n choices: n jobs), their events in arrival order, and their end."""
 
-    def __init__(self, requests: list[GenerationRequest], request_id: str, metrics: Metrics, shut_down):
+    def __init__(self, requests: list[GenerationRequest], request_id: str, metrics: Metrics):
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._metrics = metrics
-        self._shut_down = shut_down  # () -> bool: the server cancelled what was still running
         self.jobs = [Job(r, request_id if len(requests) == 1 else f"{request_id}-{i}",
                          events=LoopQueue(self._loop, self._queue, i), rpc=HttpJob(metrics))
                      for i, r in enumerate(requests)]
@@ -148,7 +147,8 @@ class Generation:
             return event
         if isinstance(event, Finish):
             self._finished.add(index)
-            if event.reason == "cancelled" and self._shut_down() and not self.jobs[index].cancel.is_set():
+            # Only the server cancels a stream its client still waits for: past the shutdown's grace period.
+            if event.reason == "cancelled" and not self.jobs[index].cancel.is_set():
                 raise OpenAIError(503, "the server shut down before this request finished; retry on another "
                                   "replica", code="shutting_down")
             return event
