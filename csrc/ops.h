@@ -23,6 +23,10 @@ void sample(const torch::Tensor& logits, const torch::Tensor& history, const tor
 void pad_prompt(const torch::Tensor& prompt, int64_t start_pos, int64_t pad_id, const torch::Tensor& input_ids,
                 const torch::Tensor& positions, const torch::Tensor& last_index, const torch::Tensor& seq_len);
 
+// Structured output: sets logits [B, V] (float32, rows contiguous) to -inf wherever bitmask [B, W] (int32,
+// W >= ceil(V / 32), rows contiguous) has the token's bit clear (token_bitmask_ref.h has the layout).
+void apply_token_bitmask(const torch::Tensor& logits, const torch::Tensor& bitmask);
+
 void check_sample_args(const torch::Tensor& logits, const torch::Tensor& history, const torch::Tensor& history_len,
                        const torch::Tensor& temperature, const torch::Tensor& top_k, const torch::Tensor& top_p,
                        const torch::Tensor& min_p, const torch::Tensor& repetition_penalty,
@@ -33,6 +37,7 @@ void sample_cuda(const torch::Tensor& logits, const torch::Tensor& history, cons
                  const torch::Tensor& temperature, const torch::Tensor& top_k, const torch::Tensor& top_p,
                  const torch::Tensor& min_p, const torch::Tensor& repetition_penalty, const torch::Tensor& seed,
                  const torch::Tensor& offset, const torch::Tensor& out, bool append_to_history);
+void apply_token_bitmask_cuda(const torch::Tensor& logits, const torch::Tensor& bitmask);
 void pad_prompt_cuda(const torch::Tensor& prompt, int64_t start_pos, int64_t pad_id, const torch::Tensor& input_ids,
                      const torch::Tensor& positions, const torch::Tensor& last_index, const torch::Tensor& seq_len);
 // Paged decode attention, one query token per row: q [B, Hq, D]; k_pool, v_pool [slots, Hkv, D] (slot =

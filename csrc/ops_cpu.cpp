@@ -5,6 +5,7 @@
 #include "ops.h"
 #include "padding_ref.h"
 #include "sampling_ref.h"
+#include "token_bitmask_ref.h"
 
 namespace hjcg {
 namespace {
@@ -107,6 +108,29 @@ void pad_prompt(const torch::Tensor& prompt, int64_t start_pos, int64_t pad_id, 
   const torch::Tensor p = prompt.contiguous();
   pad_prompt_ref(p.data_ptr<int64_t>(), length, start_pos, bucket, pad_id, input_ids.data_ptr<int64_t>(),
                  positions.data_ptr<int64_t>(), last_index.data_ptr<int64_t>(), seq_len.data_ptr<int64_t>());
+}
+
+void apply_token_bitmask(const torch::Tensor& logits, const torch::Tensor& bitmask) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat32 && logits.stride(1) == 1,
+              "logits must be a float32 [batch, vocab] tensor with contiguous rows, got ", logits.scalar_type(), " ",
+              logits.sizes());
+  TORCH_CHECK(bitmask.dim() == 2 && bitmask.scalar_type() == torch::kInt32 && bitmask.stride(1) == 1,
+              "bitmask must be an int32 [batch, words] tensor with contiguous rows, got ", bitmask.scalar_type(),
+              " ", bitmask.sizes());
+  TORCH_CHECK(bitmask.size(0) == logits.size(0), "bitmask has ", bitmask.size(0), " rows, logits ", logits.size(0));
+  TORCH_CHECK(bitmask.size(1) * 32 >= logits.size(1), "bitmask rows of ", bitmask.size(1),
+              " words cannot cover a vocabulary of ", logits.size(1));
+  TORCH_CHECK(bitmask.device() == logits.device(), "bitmask must be on ", logits.device(), ", got ", bitmask.device());
+  if (logits.is_cuda()) {
+#ifdef HJCG_WITH_CUDA
+    apply_token_bitmask_cuda(logits, bitmask);
+    return;
+#else
+    TORCH_CHECK(false, "hjcg._C was built without CUDA");
+#endif
+  }
+  apply_token_bitmask_ref(logits.data_ptr<float>(), logits.size(0), logits.size(1), logits.stride(0),
+                          bitmask.data_ptr<int32_t>(), bitmask.stride(0));
 }
 
 }  // namespace hjcg

@@ -25,7 +25,17 @@ void pad_prompt_cpu_op(const at::Tensor& prompt, int64_t start_pos, int64_t pad_
   pad_prompt(prompt, start_pos, pad_id, input_ids, positions, last_index, seq_len);
 }
 
+void apply_token_bitmask_cpu_op(at::Tensor& logits, const at::Tensor& bitmask) {
+  TORCH_CHECK(!logits.is_cuda(), "hjcg::apply_token_bitmask (CPU) got CUDA logits");
+  apply_token_bitmask(logits, bitmask);
+}
+
 #ifdef HJCG_WITH_CUDA
+void apply_token_bitmask_cuda_op(at::Tensor& logits, const at::Tensor& bitmask) {
+  TORCH_CHECK(logits.is_cuda(), "hjcg::apply_token_bitmask (CUDA) got CPU logits");
+  apply_token_bitmask(logits, bitmask);
+}
+
 void sample_cuda_op(const at::Tensor& logits, at::Tensor& history, at::Tensor& history_len,
                     const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
                     const at::Tensor& min_p, const at::Tensor& repetition_penalty, const at::Tensor& seed,
@@ -46,23 +56,26 @@ void pad_prompt_cuda_op(const at::Tensor& prompt, int64_t start_pos, int64_t pad
 
 TORCH_LIBRARY(hjcg, m) {
   // ops.h documents each: sample advances offset (and history, history_len) and writes out; pad_prompt
-  // writes a prefill graph's static inputs.
+  // writes a prefill graph's static inputs; apply_token_bitmask masks disallowed tokens' logits in place.
   m.def("sample(Tensor logits, Tensor(a!) history, Tensor(b!) history_len, Tensor temperature, Tensor top_k, "
         "Tensor top_p, Tensor min_p, Tensor repetition_penalty, Tensor seed, Tensor(c!) offset, Tensor(d!) out, "
         "bool append_to_history=True) -> ()");
   m.def("pad_prompt(Tensor prompt, int start_pos, int pad_id, Tensor(a!) input_ids, Tensor(b!) positions, "
         "Tensor(c!) last_index, Tensor(d!) seq_len) -> ()");
+  m.def("apply_token_bitmask(Tensor(a!) logits, Tensor bitmask) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hjcg, CPU, m) {
   m.impl("sample", &sample_cpu_op);
   m.impl("pad_prompt", &pad_prompt_cpu_op);
+  m.impl("apply_token_bitmask", &apply_token_bitmask_cpu_op);
 }
 
 #ifdef HJCG_WITH_CUDA
 TORCH_LIBRARY_IMPL(hjcg, CUDA, m) {
   m.impl("sample", &sample_cuda_op);
   m.impl("pad_prompt", &pad_prompt_cuda_op);
+  m.impl("apply_token_bitmask", &apply_token_bitmask_cuda_op);
 }
 #endif
 

@@ -1,6 +1,6 @@
 """Loads the native extension hjcg._C (torch must be imported first: the extension links to libtorch).
 
-Loading it registers the torch custom ops torch.ops.hjcg.sample and torch.ops.hjcg.pad_prompt (schemas in
+Loading it registers the torch custom ops torch.ops.hjcg.sample, .pad_prompt and .apply_token_bitmask (schemas in
 csrc/registration.cpp); their fake kernels below let torch.compile and torch.library.opcheck trace them:
 both only write into tensors they are given, so a fake run has nothing to produce.
 """
@@ -17,6 +17,11 @@ def _sample_fake(logits, history, history_len, temperature, top_k, top_p, min_p,
 
 @torch.library.register_fake("hjcg::pad_prompt")
 def _pad_prompt_fake(prompt, start_pos, pad_id, input_ids, positions, last_index, seq_len):
+    return None
+
+
+@torch.library.register_fake("hjcg::apply_token_bitmask")
+def _apply_token_bitmask_fake(logits, bitmask):
     return None
 
 
