@@ -9,7 +9,9 @@ Decode: one graph per batch bucket (1, 2, 4, ... max_batch), all captured up fro
 idle (a capture's warm-up run advances the rows it covers), pinned in the graph cache. A graph reads the
 tokens, positions, block tables and sampler state of its rows from device memory and writes the sampled
 tokens and advanced positions back, so replays chain with no host round trip and one graph serves every
-mix of streams and lengths.
+mix of streams and lengths. Steps with a constrained stream replay two graphs per bucket instead, the
+forward and the masked sampler (captured on first use, without a warm-up run, which would advance live
+rows), so the host fills the masks while the forward runs.
 
 Prefill: a prompt's first chunk runs through the smallest length-bucket graph that holds it (captured on
 a miss, evicted least-recently-used under the cache's budget); the padding kernel writes the chunk into
@@ -50,6 +52,14 @@ class PrefillInputs:
 
 def decode_key(bucket: int) -> str:
     return f"decode:{bucket}"
+
+
+def forward_key(bucket: int) -> str:
+    return f"decode-forward:{bucket}"
+
+
+def sample_key(bucket: int) -> str:
+    return f"decode-sample:{bucket}"
 
 
 def prefill_key(bucket: int) -> str:
@@ -106,6 +116,23 @@ class GraphRunner(EagerRunner):
     def _decode(self, n: int, bucket: int, max_len: int) -> None:
         if not self.graphs.replay(decode_key(bucket)):
             self._decode_step(bucket, self._decode_attention)
+
+    def _forward(self, n: int, bucket: int, max_len: int) -> None:
+        self._replay_step(forward_key(bucket), lambda: self._forward_step(bucket, self._decode_attention))
+
+    def _sample(self, n: int, bucket: int) -> None:
+        self._replay_step(sample_key(bucket), lambda: self._sample_step(bucket))
+
+    def _replay_step(self, key: str, step: Callable[[], object]) -> None:
+        """Replays a half step's graph, capturing it (pinned) on first use. No warm-up run: streams are
+        live, and the decode graphs' captures have done every first-call allocation already."""
+        if self.graphs.replay(key):
+            return
+        if self.graphs.capture(key, step, warmup=0, pin=True)["captured"]:
+            self.graphs.replay(key)
+        else:
+            self.fallbacks += 1
+            step()
 
     # --- prefill ----------------------------------------------------------------------------------------
 

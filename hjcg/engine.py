@@ -7,6 +7,10 @@ A step: arrivals join the waiting queue; waiting streams whose client left are d
 fit join the batch, each prefilled and its first token streamed at once; one decode step is queued for
 every running stream; the tokens of the step before it are read back and streamed (on the GPU one step
 runs ahead while the host streams the last one's tokens); finished streams leave the batch.
+
+Structured output: a step with a constrained stream runs its forward first; while the device runs it,
+the host reads the step before's tokens, advances the matchers and fills the masks, then launches the
+masked sampler. Steps with no constrained stream run as before and pay nothing for it.
 """
 from __future__ import annotations
 
@@ -23,8 +27,8 @@ from hjcg.block_manager import BlockManager
 from hjcg.config import EngineConfig, fit_to_model
 from hjcg.llama import FastLlama
 from hjcg.model_runner import EagerRunner
-from hjcg.requests import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Finish,  # noqa: F401 (re-exported)
-                           GenerationRequest, RequestError, TokenOutput)
+from hjcg.requests import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, MAX_TOP_LOGPROBS,  # noqa: F401
+                           Constraint, Finish, GenerationRequest, RequestError, TokenOutput)
 from hjcg.scheduler import QueueFull, Scheduler
 from hjcg.sequence import Sequence, Sink, Status
 
@@ -72,7 +76,12 @@ class Engine:
         self._queued = 0  # in the inbox or waiting: what the queue bound counts
         self._lock = threading.Lock()
         self._work = threading.Event()
-        self._pending: deque[tuple[int, list[Sequence]]] = deque()  # decode steps queued, not yet read
+        # decode steps queued, not yet read: (handle, their streams, whether logprobs were shipped)
+        self._pending: deque[tuple[int, list[Sequence], bool]] = deque()
+        self._constraints = None  # hjcg.constraints.ConstraintCompiler, made by the first constrained request
+        self._constraints_lock = threading.Lock()
+        self._token_texts: dict[int, str] = {}
+        self._token_texts_lock = threading.Lock()
         self.started = time.monotonic()
 
     @staticmethod
@@ -123,6 +132,14 @@ class Engine:
     def encode_text(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
+    def token_text(self, token_id: int) -> str:
+        """A token decoded alone (logprobs' alternatives), cached; any thread."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            with self._token_texts_lock:  # fast tokenizers are not safe to call from several threads at once
+                text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise RequestError("this model has no chat template; send text or token_ids instead")
@@ -146,13 +163,33 @@ class Engine:
         bad = [t for t in request.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise RequestError(f"stop token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"top logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {request.logprobs}")
+        if request.constraint is not None:
+            if request.ignore_eos:
+                raise RequestError("ignore_eos cannot be combined with structured output: the output ends when "
+                                   "it is complete")
+            self._compile(request.constraint)
+
+    def _compile(self, constraint: Constraint):
+        """The constraint compiled (cached by the compiler); RequestError when it is invalid. Any thread."""
+        with self._constraints_lock:
+            if self._constraints is None:  # building the tokenizer's index takes a while: only when used
+                from hjcg.constraints import ConstraintCompiler
+
+                self._constraints = ConstraintCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
+        return self._constraints.compile(constraint)
 
     def submit(self, request: GenerationRequest, sink: Sink) -> Sequence:
         """Queues a request (any thread). Its TokenOutputs and then one Finish go to `sink`, called on the
         engine thread; cancel it with the returned Sequence's cancel(). Raises RequestError for a bad
         request and QueueFull when the queue is full."""
         self.validate(request)
-        seq = Sequence(request, sink, self.tokenizer, self.eos_ids, self.config.max_context)
+        matcher = None
+        if request.constraint is not None:
+            compiled = self._compile(request.constraint)
+            matcher = self._constraints.matcher(compiled)
+        seq = Sequence(request, sink, self.tokenizer, self.eos_ids, self.config.max_context, matcher)
         if not self.blocks.fits_ever(seq.total_tokens):
             raise RequestError(f"the request needs KV room for {seq.total_tokens} tokens; the KV cache holds "
                                f"{self.blocks.capacity_blocks * self.blocks.block_size}")
@@ -209,9 +246,12 @@ class Engine:
 
     def _prefill(self, seq: Sequence) -> None:
         self.blocks.grow(seq.table, seq.prompt_len)
-        self.runner.prefill(seq.row, seq.request.prompt_ids, seq.table.blocks, seq.request.sampling)
+        masked = seq.matcher is not None
+        if masked:
+            seq.fill_mask(self.runner.host_masks(seq.row, seq.row + 1)[0])
+        self.runner.prefill(seq.row, seq.request.prompt_ids, seq.table.blocks, seq.request.sampling, masked)
         seq.launched = seq.prompt_len
-        seq.push(self.runner.first_token(seq.row))
+        seq.push(*self.runner.first_token(seq.row, seq.request.logprobs))
 
     def _launch(self) -> bool:
         """Queues one decode step for every running stream; returns whether it did."""
@@ -227,15 +267,28 @@ class Engine:
             seq.launched += 1
             longest = max(longest, position + 1)
         self.runner.set_blocks(updates)
-        n = len(running)
-        handle = self.runner.launch_decode(n, self.scheduler.bucket(n), longest)
-        self._pending.append((handle, list(running)))
+        n, bucket = len(running), self.scheduler.bucket(len(running))
+        top = max((seq.request.logprobs for seq in running if seq.request.logprobs is not None), default=None)
+        if any(seq.matcher is not None for seq in running):
+            self.runner.launch_forward(n, bucket, longest)
+            while self._pending:  # the last step's tokens advance the matchers while the device runs the forward
+                self._collect()
+            masks = self.runner.host_masks(0, n)
+            for seq in running:
+                seq.fill_mask(masks[seq.row])
+            handle = self.runner.launch_sample(n, bucket, top)
+        else:
+            handle = self.runner.launch_decode(n, bucket, longest, top)
+        self._pending.append((handle, list(running), top is not None))
         return True
 
     def _collect(self) -> None:
-        handle, rows = self._pending.popleft()
-        for seq, token in zip(rows, self.runner.read_tokens(handle, len(rows))):
-            seq.push(token)  # a stream that finished meanwhile ignores its extra token
+        handle, rows, with_logprobs = self._pending.popleft()
+        tokens = self.runner.read_tokens(handle, len(rows))
+        logprobs = (self.runner.read_logprobs(handle, [seq.request.logprobs for seq in rows]) if with_logprobs
+                    else [None] * len(rows))
+        for seq, token, token_logprobs in zip(rows, tokens, logprobs):
+            seq.push(token, token_logprobs)  # a stream that finished meanwhile ignores its extra token
 
     def _retire(self) -> None:
         before = len(self.scheduler.running)

@@ -8,8 +8,14 @@ Batch state, one row per running stream (rows [0, n) live, the rest idle):
   tables [R, W]   its block table (int32; idle rows and unused entries point at the trash block)
   seq_lens [R]    positions + 1, written by the step, read by the attention kernel
   sampler         per-row sampling parameters, seeds, draw counters and histories (RowSampler)
+  bitmask [R, W]  structured output: each row's allowed next tokens (int32 words, a bit per token), read
+                  only by the masked sampler (steps where some stream is constrained)
 A decode step over n live rows runs in the smallest batch bucket b >= n: rows [n, b) are idle and write
 only the trash block. Prefill runs one stream's prompt in chunks (length buckets on CUDA).
+
+A decode step is launch_decode (forward and sampler in one go), or, when some stream is constrained,
+launch_forward then launch_sample: the host fills the masks of host_masks() between the two, while the
+device runs the forward. Logprobs (hjcg.logprobs) are computed after the sampler only when asked.
 
 Two runners: EagerRunner (plain PyTorch forward; the CPU path and the reference) and, in
 hjcg.cuda_graphs, GraphRunner (the same steps captured into CUDA graphs).
@@ -21,12 +27,16 @@ from typing import Iterator
 import torch
 
 from hjcg.kv_cache import TRASH_BLOCK, PagedKVCache
+from hjcg.logprobs import TopLogprobs, rows as logprob_rows, token_logprobs
 from hjcg.llama import Attention, FastLlama, LayerOps, causal_self_attention, context_attention, paged_decode_attention
+from hjcg.requests import MAX_TOP_LOGPROBS
 from hjcg.row_sampler import RowSampler
 from hjcg.sampling import SamplingParams
 from hjcg.upload import upload
 
 HOST_RING = 4  # decode steps whose tokens may be on their way to the host at once
+FIRST_SLOT = HOST_RING  # the host slot of a prefill's first token's logprobs
+ALL_ALLOWED = -1  # a bitmask word with every bit set
 
 
 def chunks(length: int, size: int) -> Iterator[tuple[int, int]]:
@@ -56,8 +66,18 @@ class EagerRunner:
         self.tables = torch.full((max_batch, width), TRASH_BLOCK, device=device, dtype=torch.int32)
         self.logits = torch.zeros(max_batch, model.shape.vocab_size, device=device, dtype=torch.float32)
         self.sampler = RowSampler(device, max_batch, max_positions, kernel=kernel_sampler)
+        self.mask_words = -(-model.shape.vocab_size // 32)
+        self.bitmask = torch.full((max_batch, self.mask_words), ALL_ALLOWED, device=device, dtype=torch.int32)
         pinned = device.type == "cuda"
+        self._host_masks = torch.full((max_batch, self.mask_words), ALL_ALLOWED, dtype=torch.int32, pin_memory=pinned)
+        self._masks_copied = torch.cuda.Event() if pinned else None
         self._host_tokens = torch.zeros(HOST_RING, max_batch, dtype=torch.int64, pin_memory=pinned)
+        # logprobs of the ring's steps and (slot FIRST_SLOT) of a prefill's first token
+        self._host_logprob = torch.zeros(HOST_RING + 1, max_batch, dtype=torch.float32, pin_memory=pinned)
+        self._host_top_ids = torch.zeros(HOST_RING + 1, max_batch, MAX_TOP_LOGPROBS, dtype=torch.int64,
+                                         pin_memory=pinned)
+        self._host_top_values = torch.zeros(HOST_RING + 1, max_batch, MAX_TOP_LOGPROBS, dtype=torch.float32,
+                                            pin_memory=pinned)
         self._host_first = torch.zeros(1, dtype=torch.int64, pin_memory=pinned)
         self._events = [torch.cuda.Event() for _ in range(HOST_RING)] if pinned else None
         self._first_copied = torch.cuda.Event() if pinned else None
@@ -97,12 +117,17 @@ class EagerRunner:
     # --- prefill ----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, row: int, prompt: list[int], blocks: list[int], params: SamplingParams) -> None:
+    def prefill(self, row: int, prompt: list[int], blocks: list[int], params: SamplingParams,
+                masked: bool = False) -> None:
         """Runs a joining stream's prompt (its blocks already cover it), loads its row and samples its first
-        token into tokens[row]; read it with first_token()."""
+        token into tokens[row]; read it with first_token(). masked: sample only tokens that host_masks()'s
+        row `row` allows (filled by the caller first)."""
         ids = upload(prompt, torch.int64, self.device)
         self._load_table(row, blocks)
         logits = self._prefill(ids, row)
+        if masked:
+            self._upload_masks(row, row + 1)
+            torch.ops.hjcg.apply_token_bitmask(logits, self.bitmask[row:row + 1])
         self._prompt_logits = logits
         self.sampler.load(row, params, ids)
         self.sampler.sample(logits, row, self.tokens[row:row + 1])
@@ -127,29 +152,81 @@ class EagerRunner:
         last = upload([end - start - 1], torch.int64, self.device)
         return self.model.forward(ids[start:end], positions, slots, self.cache, attention, last, self.ops)
 
-    def first_token(self, row: int) -> int:
-        """The token prefill sampled into tokens[row] (waits for it, releasing the GIL meanwhile)."""
+    def first_token(self, row: int, top: int | None = None) -> tuple[int, tuple[float, TopLogprobs] | None]:
+        """The token prefill sampled into tokens[row] (waits for it, releasing the GIL meanwhile) and, when
+        top is not None, its logprob and top alternatives."""
         self._host_first.copy_(self.tokens[row:row + 1], non_blocking=True)
+        if top is not None:
+            self._copy_logprobs(FIRST_SLOT, self._prompt_logits, self.tokens[row:row + 1], top)
         if self._first_copied is not None:
             self._first_copied.record()
             self._first_copied.synchronize()
-        return int(self._host_first[0])
+        logprobs = self.read_logprobs(FIRST_SLOT, [top])[0] if top is not None else None
+        return int(self._host_first[0]), logprobs
+
+    # --- structured output --------------------------------------------------------------------------------
+
+    def host_masks(self, start: int, end: int):
+        """Rows [start, end) of the host's bitmask staging (numpy int32 [end - start, mask_words]) for the
+        caller to fill before prefill(masked=True) or launch_sample; waits until the last upload of them
+        has left."""
+        if self._masks_copied is not None:
+            self._masks_copied.synchronize()
+        return self._host_masks[start:end].numpy()
+
+    def _upload_masks(self, start: int, end: int) -> None:
+        self.bitmask[start:end].copy_(self._host_masks[start:end], non_blocking=True)
+        if self._masks_copied is not None:
+            self._masks_copied.record()
 
     # --- decode -----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def launch_decode(self, n: int, bucket: int, max_len: int) -> int:
+    def launch_decode(self, n: int, bucket: int, max_len: int, top: int | None = None) -> int:
         """Queues one decode step for rows [0, n) (in batch bucket `bucket`; `max_len` bounds the positions
-        any live row attends to) and the copy of its tokens to the host. Returns a handle for read_tokens."""
+        any live row attends to) and the copy of its tokens (and, when top is not None, their logprobs with
+        `top` alternatives) to the host. Returns a handle for read_tokens and read_logprobs."""
         self._decode(n, bucket, max_len)
+        return self._ship(n, top)
+
+    @torch.inference_mode()
+    def launch_forward(self, n: int, bucket: int, max_len: int) -> None:
+        """The first half of a constrained step: the forward only (logits kept for launch_sample)."""
+        self._forward(n, bucket, max_len)
+
+    @torch.inference_mode()
+    def launch_sample(self, n: int, bucket: int, top: int | None = None) -> int:
+        """The second half: uploads host_masks() rows [0, n), samples the masked logits, ships the tokens (as
+        launch_decode)."""
+        self._upload_masks(0, n)
+        self._sample(n, bucket)
+        return self._ship(n, top)
+
+    def _ship(self, n: int, top: int | None) -> int:
         slot = self._launches % HOST_RING
         self._launches += 1
         if self._events is not None:
             self._events[slot].synchronize()  # that ring slot's last tokens have been read
         self._host_tokens[slot, :n].copy_(self.tokens[:n], non_blocking=True)
+        if top is not None:
+            self._copy_logprobs(slot, self.logits[:n], self.tokens[:n], top)
         if self._events is not None:
             self._events[slot].record()
         return slot
+
+    def _copy_logprobs(self, slot: int, logits: torch.Tensor, tokens: torch.Tensor, top: int) -> None:
+        n = tokens.numel()
+        chosen, ids, values = token_logprobs(logits, tokens, top)
+        self._host_logprob[slot, :n].copy_(chosen, non_blocking=True)
+        self._host_top_ids[slot, :n, :top].copy_(ids, non_blocking=True)
+        self._host_top_values[slot, :n, :top].copy_(values, non_blocking=True)
+
+    def read_logprobs(self, handle: int, tops: list[int | None]) -> list[tuple[float, TopLogprobs] | None]:
+        """Per row of a step read with read_tokens (or a first token): its logprob and top tops[i]
+        alternatives, or None where tops[i] is None. The step must have shipped logprobs with top >= each."""
+        n, top = len(tops), max((t for t in tops if t is not None), default=0)
+        return logprob_rows(self._host_logprob[handle, :n].tolist(), self._host_top_ids[handle, :n, :top].tolist(),
+                            self._host_top_values[handle, :n, :top].tolist(), tops)
 
     def read_tokens(self, handle: int, n: int) -> list[int]:
         """The tokens of a launched step (waits for it)."""
@@ -161,15 +238,33 @@ class EagerRunner:
         # eager: exactly the live rows, attention over the longest live row's positions only
         self._decode_step(n, paged_decode_attention(self.cache, self.tables, self.seq_lens, max_len))
 
+    def _forward(self, n: int, bucket: int, max_len: int) -> None:
+        self._forward_step(n, paged_decode_attention(self.cache, self.tables, self.seq_lens, max_len))
+
+    def _sample(self, n: int, bucket: int) -> None:
+        self._sample_step(n)
+
     def _decode_step(self, b: int, attention: Attention) -> None:
         """One token for rows [0, b): the step every runner runs (and the graph runner captures)."""
+        logits = self._forward_step(b, attention)
+        self.sampler.sample(logits, 0, self.tokens[:b])
+
+    def _forward_step(self, b: int, attention: Attention) -> torch.Tensor:
+        """Rows [0, b)'s logits (also kept in self.logits), their positions advanced."""
         positions = self.positions[:b]
         slots = self.cache.slots_at(self.tables[:b], positions)
         torch.add(positions, 1, out=self.seq_lens[:b])
         logits = self.model.forward(self.tokens[:b], positions, slots, self.cache, attention, None, self.ops)
         self.logits[:b].copy_(logits)
-        self.sampler.sample(logits, 0, self.tokens[:b])
         positions.add_(self.live[:b])
+        return logits
+
+    def _sample_step(self, b: int) -> None:
+        """Samples rows [0, b) from the kept logits, masked by their bitmask rows (in place: the logprobs
+        read the masked logits)."""
+        logits = self.logits[:b]
+        torch.ops.hjcg.apply_token_bitmask(logits, self.bitmask[:b])
+        self.sampler.sample(logits, 0, self.tokens[:b])
 
     # --- tests and figures ------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""One request's state while the engine serves it: its tokens, blocks, batch row, stop conditions and
-the sink its outputs go to.
+"""One request's state while the engine serves it: its tokens, blocks, batch row, stop conditions, its
+structured-output matcher (if constrained) and the sink its outputs go to.
 
 The engine thread alone calls the methods; another thread may only call cancel().
 """
@@ -8,12 +8,16 @@ from __future__ import annotations
 import itertools
 import time
 from enum import Enum
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from hjcg.block_manager import BlockTable
+from hjcg.logprobs import TopLogprobs
 from hjcg.requests import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Finish, GenerationRequest,
                            TokenOutput)
 from hjcg.text import IncrementalDetokenizer, StopStringFilter
+
+if TYPE_CHECKING:
+    from hjcg.constraints import TokenMatcher
 
 Sink = Callable[[TokenOutput | Finish], None]
 _ids = itertools.count()
@@ -26,7 +30,8 @@ class Status(Enum):
 
 
 class Sequence:
-    def __init__(self, request: GenerationRequest, sink: Sink, tokenizer, eos_ids: set[int], max_context: int):
+    def __init__(self, request: GenerationRequest, sink: Sink, tokenizer, eos_ids: set[int], max_context: int,
+                 matcher: TokenMatcher | None = None):
         self.id = next(_ids)
         self.request = request
         self.sink = sink
@@ -46,6 +51,7 @@ class Sequence:
         self._stop_ids = set(request.stop_token_ids)
         self._eos_ids = set() if request.ignore_eos else eos_ids
         self._cancelled = False
+        self.matcher = matcher  # structured output: which tokens may come next
 
     @property
     def total_tokens(self) -> int:
@@ -70,8 +76,17 @@ class Sequence:
     def cancelled(self) -> bool:
         return self._cancelled
 
-    def push(self, token: int) -> None:
-        """Takes the next sampled token: streams it, or ends the stream on EOS, a stop or the budget."""
+    def fill_mask(self, out) -> None:
+        """Writes the tokens this stream may sample next into `out` (a bitmask row, int32 words): its
+        matcher's, or every token for an unconstrained or finished stream."""
+        if self.matcher is None or self.finished or self.matcher.done:
+            out.fill(-1)
+        else:
+            self.matcher.fill_mask(out)
+
+    def push(self, token: int, logprobs: tuple[float, TopLogprobs] | None = None) -> None:
+        """Takes the next sampled token (and its logprobs, when asked for): streams it, or ends the stream on
+        EOS, a stop, a complete structured output or the budget."""
         if self.finished:
             return
         now = time.perf_counter()
@@ -81,12 +96,17 @@ class Sequence:
             self.finish(FINISH_CANCELLED)
             return
         self.completion_tokens += 1
+        if self.matcher is not None:
+            self.matcher.accept(token)
         if token in self._eos_ids or token in self._stop_ids:
             self.finish(FINISH_EOS if token in self._eos_ids else FINISH_STOP)
             return
         text, stopped = self._stops.push(self._detok.push(token))
-        self.sink(TokenOutput(id=token, text=text, index=self.completion_tokens - 1))
-        if stopped:
+        output = TokenOutput(id=token, text=text, index=self.completion_tokens - 1)
+        if logprobs is not None:
+            output.logprob, output.top_logprobs = logprobs
+        self.sink(output)
+        if stopped or (self.matcher is not None and self.matcher.done):  # a stop string, or the output is complete
             self.finish(FINISH_STOP)
         elif self.completion_tokens >= self.budget:
             self.finish(FINISH_LENGTH)

@@ -85,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--request-id", default="")
     g.add_argument("--json", action="store_true", help="one JSON object per response message, every field")
+    g.add_argument("--logprobs", type=_int_in(0, 20), metavar="N",
+                   help="each token's logprob and its N most likely alternatives (0-20; needs --json to see them)")
+    f = g.add_mutually_exclusive_group()
+    f.add_argument("--json-object", action="store_true", help="structured output: any JSON object")
+    f.add_argument("--json-schema", metavar="FILE", help="structured output: JSON matching the schema in FILE")
+    f.add_argument("--regex", help="structured output: text the regular expression matches in full")
+    f.add_argument("--grammar", metavar="FILE", help="structured output: text of the Lark grammar in FILE")
 
     s = command("status", help="model, device, queue and graph cache")
     s.add_argument("--json", action="store_true")
@@ -110,6 +117,25 @@ def _check_generate(p: argparse.ArgumentParser, args) -> None:
             p.error("generate: --token-ids must be comma-separated integers")
         if not all(INT32[0] <= t <= INT32[1] for t in args.token_ids):
             p.error("generate: --token-ids must each fit in a 32-bit signed integer")
+    if args.logprobs is not None and not args.json:
+        p.error("generate: --logprobs comes in the response messages: add --json to print them")
+    args.response_format = _response_format(p, args)
+
+
+def _response_format(p: argparse.ArgumentParser, args) -> tuple[str, str] | None:
+    """The structured-output flag as the request's (kind, value); a file that cannot be read is a usage error."""
+    if args.json_object:
+        return ("json_object", "")
+    if args.regex is not None:
+        return ("regex", args.regex)
+    for kind, path in (("json_schema", args.json_schema), ("grammar", args.grammar)):
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return (kind, f.read())
+            except OSError as e:
+                p.error(f"generate: cannot read --{kind.replace('_', '-')} file {path}: {e.strerror}")
+    return None
 
 
 def _message_json(message) -> str:
@@ -121,7 +147,7 @@ def _generate(client: HjcgClient, args) -> int:
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                   stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos,
-                  request_id=args.request_id)
+                  request_id=args.request_id, logprobs=args.logprobs, response_format=args.response_format)
     if args.token_ids is not None:
         kwargs["token_ids"] = args.token_ids
     else:

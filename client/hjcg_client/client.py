@@ -55,8 +55,11 @@ class HjcgClient:
                 token_ids: Sequence[int] | None = None, max_new_tokens: int = 0, temperature: float = 0.0,
                 top_k: int = 0, top_p: float = 0.0, min_p: float = 0.0, repetition_penalty: float = 0.0,
                 seed: int | None = None, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
-                ignore_eos: bool = False, request_id: str = "") -> pb.GenerateRequest:
-        """Builds a GenerateRequest from exactly one of text, chat ((role, content) pairs) or token_ids."""
+                ignore_eos: bool = False, request_id: str = "", logprobs: int | None = None,
+                response_format: tuple[str, str] | None = None) -> pb.GenerateRequest:
+        """Builds a GenerateRequest from exactly one of text, chat ((role, content) pairs) or token_ids.
+        logprobs: None (off) or how many alternatives each token's logprob comes with (0-20);
+        response_format: (kind, value) with kind json_object (value ignored), json_schema, regex or grammar."""
         if sum(x is not None for x in (text, chat, token_ids)) != 1:
             raise ValueError("give exactly one of text, chat or token_ids")
         sampling = pb.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -66,6 +69,11 @@ class HjcgClient:
         request = pb.GenerateRequest(max_new_tokens=max_new_tokens, sampling=sampling, stop=list(stop),
                                      stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos,
                                      request_id=request_id)
+        if logprobs is not None:
+            request.logprobs, request.top_logprobs = True, logprobs
+        if response_format is not None:
+            kind, value = response_format
+            setattr(request.response_format, kind, True if kind == "json_object" else value)
         if text is not None:
             request.text = text
         elif chat is not None:

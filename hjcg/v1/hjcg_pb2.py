@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12hjcg/v1/hjcg.proto\x12\x07hjcg.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\x0c\x43hatMessages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.hjcg.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x8a\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x8a\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x15.hjcg.v1.ChatMessagesH\x00\x12&\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x11.hjcg.v1.TokenIdsH\x00\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12)\n\x08sampling\x18\x05 \x01(\x0b\x32\x17.hjcg.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\nrequest_id\x18\t \x01(\tB\x07\n\x05input\"H\n\nTokenEvent\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\x12\x11\n\tserver_ms\x18\x04 \x01(\x01\"n\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"d\n\x0eGenerateFinish\x12%\n\x06reason\x18\x01 \x01(\x0e\x32\x15.hjcg.v1.FinishReason\x12\x1d\n\x05usage\x18\x02 \x01(\x0b\x32\x0e.hjcg.v1.Usage\x12\x0c\n\x04text\x18\x03 \x01(\t\"\x80\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05token\x18\x02 \x01(\x0b\x32\x13.hjcg.v1.TokenEventH\x00\x12)\n\x06\x66inish\x18\x03 \x01(\x0b\x32\x17.hjcg.v1.GenerateFinishH\x00\x42\x07\n\x05\x65vent\"\x0f\n\rStatusRequest\"{\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x0f\n\x07weights\x18\x06 \x01(\t\"\xb9\x01\n\x0fGraphCacheStats\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\r\x12\x13\n\x0bmax_entries\x18\x02 \x01(\r\x12\x14\n\x0c\x62udget_bytes\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x0e\n\x06misses\x18\x06 \x01(\x04\x12\x10\n\x08\x63\x61ptures\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x18\n\x10\x63\x61pture_failures\x18\t \x01(\x04\"\xd5\x02\n\x0eStatusResponse\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.hjcg.v1.ModelInfo\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x13\n\x0b\x65ngine_mode\x18\x03 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\x12\x0f\n\x07version\x18\x07 \x01(\t\x12-\n\x0bgraph_cache\x18\x08 \x01(\x0b\x32\x18.hjcg.v1.GraphCacheStats\x12\x19\n\x11max_prompt_tokens\x18\t \x01(\r\x12\x16\n\x0emax_new_tokens\x18\n \x01(\r\x12\x11\n\tmax_batch\x18\x0b \x01(\r\x12\x14\n\x0c\x62\x61tch_bucket\x18\x0c \x01(\r\x12\'\n\x08kv_cache\x18\r \x01(\x0b\x32\x15.hjcg.v1.KvCacheStats\"b\n\x0cKvCacheStats\x12\x13\n\x0b\x62locks_used\x18\x01 \x01(\x04\x12\x14\n\x0c\x62locks_total\x18\x02 \x01(\x04\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x04\"+\n\x11WarmGraphsRequest\x12\x16\n\x0eprompt_lengths\x18\x01 \x03(\r\"a\n\rCapturedGraph\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x12\n\ncapture_ms\x18\x03 \x01(\x01\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\"\x87\x01\n\x12WarmGraphsResponse\x12\x11\n\tavailable\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12&\n\x06graphs\x18\x03 \x03(\x0b\x32\x16.hjcg.v1.CapturedGraph\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x13\n\x0bgraph_bytes\x18\x05 \x01(\x04*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xcb\x01\n\x04Hjcg\x12\x41\n\x08Generate\x12\x18.hjcg.v1.GenerateRequest\x1a\x19.hjcg.v1.GenerateResponse0\x01\x12\x39\n\x06Status\x12\x16.hjcg.v1.StatusRequest\x1a\x17.hjcg.v1.StatusResponse\x12\x45\n\nWarmGraphs\x12\x1a.hjcg.v1.WarmGraphsRequest\x1a\x1b.hjcg.v1.WarmGraphsResponseB}\n\x0b\x63om.hjcg.v1B\tHjcgProtoP\x01Z\x1ahjcg/gen/go/hjcg/v1;hjcgv1\xa2\x02\x04HJCG\xaa\x02\x07Hjcg.V1\xba\x02\x08Hjcg_V1_\xca\x02\x07Hjcg\\V1\xe2\x02\x13Hjcg\\V1\\GPBMetadata\xea\x02\x08Hjcg::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12hjcg/v1/hjcg.proto\x12\x07hjcg.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\x0c\x43hatMessages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.hjcg.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x8a\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xe4\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x15.hjcg.v1.ChatMessagesH\x00\x12&\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x11.hjcg.v1.TokenIdsH\x00\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12)\n\x08sampling\x18\x05 \x01(\x0b\x32\x17.hjcg.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x12\x30\n\x0fresponse_format\x18\x0c \x01(\x0b\x32\x17.hjcg.v1.ResponseFormatB\x07\n\x05input\"l\n\x0eResponseFormat\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"\x95\x01\n\nTokenEvent\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\x12\x11\n\tserver_ms\x18\x04 \x01(\x01\x12\x14\n\x07logprob\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12)\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x13.hjcg.v1.TopLogprobB\n\n\x08_logprob\"7\n\nTopLogprob\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"n\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"d\n\x0eGenerateFinish\x12%\n\x06reason\x18\x01 \x01(\x0e\x32\x15.hjcg.v1.FinishReason\x12\x1d\n\x05usage\x18\x02 \x01(\x0b\x32\x0e.hjcg.v1.Usage\x12\x0c\n\x04text\x18\x03 \x01(\t\"\x80\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05token\x18\x02 \x01(\x0b\x32\x13.hjcg.v1.TokenEventH\x00\x12)\n\x06\x66inish\x18\x03 \x01(\x0b\x32\x17.hjcg.v1.GenerateFinishH\x00\x42\x07\n\x05\x65vent\"\x0f\n\rStatusRequest\"{\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x0f\n\x07weights\x18\x06 \x01(\t\"\xb9\x01\n\x0fGraphCacheStats\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\r\x12\x13\n\x0bmax_entries\x18\x02 \x01(\r\x12\x14\n\x0c\x62udget_bytes\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x0e\n\x06misses\x18\x06 \x01(\x04\x12\x10\n\x08\x63\x61ptures\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x18\n\x10\x63\x61pture_failures\x18\t \x01(\x04\"\xd5\x02\n\x0eStatusResponse\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.hjcg.v1.ModelInfo\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x13\n\x0b\x65ngine_mode\x18\x03 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\x12\x0f\n\x07version\x18\x07 \x01(\t\x12-\n\x0bgraph_cache\x18\x08 \x01(\x0b\x32\x18.hjcg.v1.GraphCacheStats\x12\x19\n\x11max_prompt_tokens\x18\t \x01(\r\x12\x16\n\x0emax_new_tokens\x18\n \x01(\r\x12\x11\n\tmax_batch\x18\x0b \x01(\r\x12\x14\n\x0c\x62\x61tch_bucket\x18\x0c \x01(\r\x12\'\n\x08kv_cache\x18\r \x01(\x0b\x32\x15.hjcg.v1.KvCacheStats\"b\n\x0cKvCacheStats\x12\x13\n\x0b\x62locks_used\x18\x01 \x01(\x04\x12\x14\n\x0c\x62locks_total\x18\x02 \x01(\x04\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x04\"+\n\x11WarmGraphsRequest\x12\x16\n\x0eprompt_lengths\x18\x01 \x03(\r\"a\n\rCapturedGraph\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x12\n\ncapture_ms\x18\x03 \x01(\x01\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\"\x87\x01\n\x12WarmGraphsResponse\x12\x11\n\tavailable\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12&\n\x06graphs\x18\x03 \x03(\x0b\x32\x16.hjcg.v1.CapturedGraph\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x13\n\x0bgraph_bytes\x18\x05 \x01(\x04*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xcb\x01\n\x04Hjcg\x12\x41\n\x08Generate\x12\x18.hjcg.v1.GenerateRequest\x1a\x19.hjcg.v1.GenerateResponse0\x01\x12\x39\n\x06Status\x12\x16.hjcg.v1.StatusRequest\x1a\x17.hjcg.v1.StatusResponse\x12\x45\n\nWarmGraphs\x12\x1a.hjcg.v1.WarmGraphsRequest\x1a\x1b.hjcg.v1.WarmGraphsResponseB}\n\x0b\x63om.hjcg.v1B\tHjcgProtoP\x01Z\x1ahjcg/gen/go/hjcg/v1;hjcgv1\xa2\x02\x04HJCG\xaa\x02\x07Hjcg.V1\xba\x02\x08Hjcg_V1_\xca\x02\x07Hjcg\\V1\xe2\x02\x13Hjcg\\V1\\GPBMetadata\xea\x02\x08Hjcg::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,8 +32,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hjcg.v1.hjcg_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\013com.hjcg.v1B\tHjcgProtoP\001Z\032hjcg/gen/go/hjcg/v1;hjcgv1\242\002\004HJCG\252\002\007Hjcg.V1\272\002\010Hjcg_V1_\312\002\007Hjcg\\V1\342\002\023Hjcg\\V1\\GPBMetadata\352\002\010Hjcg::V1'
-  _globals['_FINISHREASON']._serialized_start=2044
-  _globals['_FINISHREASON']._serialized_end=2191
+  _globals['_FINISHREASON']._serialized_start=2379
+  _globals['_FINISHREASON']._serialized_end=2526
   _globals['_CHATMESSAGE']._serialized_start=31
   _globals['_CHATMESSAGE']._serialized_end=75
   _globals['_CHATMESSAGES']._serialized_start=77
@@ -43,31 +43,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=159
   _globals['_SAMPLINGPARAMS']._serialized_end=297
   _globals['_GENERATEREQUEST']._serialized_start=300
-  _globals['_GENERATEREQUEST']._serialized_end=566
-  _globals['_TOKENEVENT']._serialized_start=568
-  _globals['_TOKENEVENT']._serialized_end=640
-  _globals['_USAGE']._serialized_start=642
-  _globals['_USAGE']._serialized_end=752
-  _globals['_GENERATEFINISH']._serialized_start=754
-  _globals['_GENERATEFINISH']._serialized_end=854
-  _globals['_GENERATERESPONSE']._serialized_start=857
-  _globals['_GENERATERESPONSE']._serialized_end=985
-  _globals['_STATUSREQUEST']._serialized_start=987
-  _globals['_STATUSREQUEST']._serialized_end=1002
-  _globals['_MODELINFO']._serialized_start=1004
-  _globals['_MODELINFO']._serialized_end=1127
-  _globals['_GRAPHCACHESTATS']._serialized_start=1130
-  _globals['_GRAPHCACHESTATS']._serialized_end=1315
-  _globals['_STATUSRESPONSE']._serialized_start=1318
-  _globals['_STATUSRESPONSE']._serialized_end=1659
-  _globals['_KVCACHESTATS']._serialized_start=1661
-  _globals['_KVCACHESTATS']._serialized_end=1759
-  _globals['_WARMGRAPHSREQUEST']._serialized_start=1761
-  _globals['_WARMGRAPHSREQUEST']._serialized_end=1804
-  _globals['_CAPTUREDGRAPH']._serialized_start=1806
-  _globals['_CAPTUREDGRAPH']._serialized_end=1903
-  _globals['_WARMGRAPHSRESPONSE']._serialized_start=1906
-  _globals['_WARMGRAPHSRESPONSE']._serialized_end=2041
-  _globals['_HJCG']._serialized_start=2194
-  _globals['_HJCG']._serialized_end=2397
+  _globals['_GENERATEREQUEST']._serialized_end=656
+  _globals['_RESPONSEFORMAT']._serialized_start=658
+  _globals['_RESPONSEFORMAT']._serialized_end=766
+  _globals['_TOKENEVENT']._serialized_start=769
+  _globals['_TOKENEVENT']._serialized_end=918
+  _globals['_TOPLOGPROB']._serialized_start=920
+  _globals['_TOPLOGPROB']._serialized_end=975
+  _globals['_USAGE']._serialized_start=977
+  _globals['_USAGE']._serialized_end=1087
+  _globals['_GENERATEFINISH']._serialized_start=1089
+  _globals['_GENERATEFINISH']._serialized_end=1189
+  _globals['_GENERATERESPONSE']._serialized_start=1192
+  _globals['_GENERATERESPONSE']._serialized_end=1320
+  _globals['_STATUSREQUEST']._serialized_start=1322
+  _globals['_STATUSREQUEST']._serialized_end=1337
+  _globals['_MODELINFO']._serialized_start=1339
+  _globals['_MODELINFO']._serialized_end=1462
+  _globals['_GRAPHCACHESTATS']._serialized_start=1465
+  _globals['_GRAPHCACHESTATS']._serialized_end=1650
+  _globals['_STATUSRESPONSE']._serialized_start=1653
+  _globals['_STATUSRESPONSE']._serialized_end=1994
+  _globals['_KVCACHESTATS']._serialized_start=1996
+  _globals['_KVCACHESTATS']._serialized_end=2094
+  _globals['_WARMGRAPHSREQUEST']._serialized_start=2096
+  _globals['_WARMGRAPHSREQUEST']._serialized_end=2139
+  _globals['_CAPTUREDGRAPH']._serialized_start=2141
+  _globals['_CAPTUREDGRAPH']._serialized_end=2238
+  _globals['_WARMGRAPHSRESPONSE']._serialized_start=2241
+  _globals['_WARMGRAPHSRESPONSE']._serialized_end=2376
+  _globals['_HJCG']._serialized_start=2529
+  _globals['_HJCG']._serialized_end=2732
 # @@protoc_insertion_point(module_scope)

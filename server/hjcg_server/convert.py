@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 
 from hjcg.engine import Engine, GenerationRequest, RequestError
+from hjcg.requests import MAX_TOP_LOGPROBS, Constraint
 from hjcg.sampling import SamplingParams
 from hjcg.v1 import hjcg_pb2 as pb
 
@@ -16,6 +17,7 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_REQUEST_ID_LENGTH = 128
 MAX_CHAT_MESSAGES = 256
 MAX_TEXT_CHARS = 1_000_000
+MAX_CONSTRAINT_CHARS = 100_000  # a JSON schema, regex or grammar
 CHAT_ROLES = ("system", "user", "assistant")
 
 # Fast tokenizers are not safe to call from many RPC threads at once.
@@ -70,6 +72,40 @@ def prompt_ids(request: pb.GenerateRequest, engine: Engine) -> list[int]:
         return engine.encode_chat([{"role": m.role, "content": m.content} for m in messages])
 
 
+def top_logprobs(logprobs: bool, top: int) -> int | None:
+    """The engine's GenerationRequest.logprobs from the wire's pair (OpenAI's chat API has the same two)."""
+    if not logprobs:
+        if top:
+            raise RequestError("top_logprobs needs logprobs = true")
+        return None
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
+    return top
+
+
+def checked_constraint(kind: str, value: str) -> Constraint:
+    """A structured-output constraint of a known kind, its text within the size limit (the engine compiles
+    and checks the rest)."""
+    if kind != "json_object" and not value:
+        raise RequestError(f"response_format.{kind} is empty")
+    if len(value) > MAX_CONSTRAINT_CHARS:
+        raise RequestError(f"response_format.{kind} is longer than {MAX_CONSTRAINT_CHARS} characters")
+    return Constraint(kind, value)
+
+
+def response_format(request: pb.GenerateRequest) -> Constraint | None:
+    if not request.HasField("response_format"):
+        return None
+    kind = request.response_format.WhichOneof("format")
+    if kind is None:
+        raise RequestError("response_format is set but empty: set one of json_object, json_schema, regex, grammar")
+    if kind == "json_object":
+        if not request.response_format.json_object:
+            raise RequestError("response_format.json_object must be true when set")
+        return Constraint("json_object")
+    return checked_constraint(kind, getattr(request.response_format, kind))
+
+
 def generation_request(request: pb.GenerateRequest, engine: Engine) -> GenerationRequest:
     limits = engine.config
     if len(request.stop) > MAX_STOP_STRINGS:
@@ -90,6 +126,8 @@ def generation_request(request: pb.GenerateRequest, engine: Engine) -> Generatio
         stop=list(request.stop),
         stop_token_ids=list(request.stop_token_ids),
         ignore_eos=request.ignore_eos,
+        logprobs=top_logprobs(request.logprobs, request.top_logprobs),
+        constraint=response_format(request),
     )
     engine.validate(generation)
     return generation

@@ -196,8 +196,7 @@ class HjcgServicer(pb_grpc.HjcgServicer):
                 else:
                     self.metrics.inter_token.observe(now - last_token_at)
                 last_token_at = now
-                yield pb.GenerateResponse(request_id=job.request_id, token=pb.TokenEvent(
-                    id=event.id, text=event.text, index=event.index, server_ms=(now - job.received) * 1e3))
+                yield pb.GenerateResponse(request_id=job.request_id, token=self._token_event(job, event, now))
             elif isinstance(event, Finish):
                 if event.reason == "cancelled" and self.shutting_down and not job.cancel.is_set():
                     self._fail(context, job, grpc.StatusCode.UNAVAILABLE,
@@ -206,6 +205,14 @@ class HjcgServicer(pb_grpc.HjcgServicer):
                 return
             else:
                 self._fail(context, job, grpc.StatusCode.INTERNAL, f"generation failed: {event}")
+
+    def _token_event(self, job: Job, token: TokenOutput, now: float) -> pb.TokenEvent:
+        event = pb.TokenEvent(id=token.id, text=token.text, index=token.index, server_ms=(now - job.received) * 1e3)
+        if token.logprob is not None:
+            event.logprob = token.logprob
+            event.top_logprobs.extend(pb.TopLogprob(id=i, text=self.engine.token_text(i), logprob=lp)
+                                      for i, lp in token.top_logprobs)
+        return event
 
     @staticmethod
     def _usage(job: Job, finish: Finish) -> pb.Usage:
