@@ -168,15 +168,16 @@ class ConstraintCompiler:
         """Computes `matcher`'s mask into `out` in the model's vocabulary; False when no token is allowed."""
         if out.dtype != np.int32 or out.shape != (self.mask_words,) or not out.flags.c_contiguous:
             raise ValueError(f"a mask row is int32 [{self.mask_words}] and contiguous, got {out.dtype} {out.shape}")
-        if self._llg_words == self.mask_words:
-            target = out
-        else:
-            target = getattr(self._scratch, "row", None)
-            if target is None:
-                target = self._scratch.row = np.empty(self._llg_words, np.int32)
+        if self._llg_vocab == self.vocab_size:
+            # llguidance knows exactly the model's tokens: nothing to clear, and it always allows something
+            # (EOS at the least) in a matcher that is not in error.
+            matcher.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
+            return True
+        target = getattr(self._scratch, "row", None)
+        if target is None:
+            target = self._scratch.row = np.empty(self._llg_words, np.int32)
         matcher.unsafe_compute_mask_ptr(target.ctypes.data, target.nbytes)
-        if target is not out:
-            out[:] = target[: self.mask_words]
+        out[:] = target[: self.mask_words]
         out.view(np.uint32)[-1] &= self._last_word_keep
         return bool(out.any())
 
