@@ -52,17 +52,21 @@ def cli(*args, target: str, env: dict | None = None) -> subprocess.CompletedProc
 
 
 class ServerProcess:
-    """`hjcg serve` in a child process, with its addresses and log."""
+    """`hjcg serve` in a child process, with its addresses and log; http=True adds the HTTP front on a free
+    port (http_port, http_url)."""
 
-    def __init__(self, *extra: str, env: dict | None = None):
+    def __init__(self, *extra: str, env: dict | None = None, http: bool = False):
         self.dir = Path(tempfile.mkdtemp(prefix="hjcg-test-"))
         self.port = free_port()
         self.tcp = f"127.0.0.1:{self.port}"
         self.unix = f"unix:{self.dir}/hjcg.sock"
         self.log_path = self.dir / "server.log"
+        self.http_port = free_port() if http else None
+        self.http_url = f"http://127.0.0.1:{self.http_port}" if http else None
+        http_args = ["--http-listen", f"127.0.0.1:{self.http_port}"] if http else []
         args = [sys.executable, "-m", "hjcg_server.cli", "serve", "--device", "cpu", "--listen", self.tcp,
                 "--listen", self.unix, "--max-context", "1024", "--max-prompt-tokens", "768",
-                "--max-new-tokens", "128", "--default-max-new-tokens", "16", *extra]
+                "--max-new-tokens", "128", "--default-max-new-tokens", "16", *http_args, *extra]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      env={**os.environ, **(env or {})})

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from hjcg.engine import Engine, GenerationRequest, RequestError
-from hjcg.requests import MAX_TOP_LOGPROBS, Constraint
+from hjcg.requests import Constraint
 from hjcg.sampling import SamplingParams
 from hjcg_server import convert
 from hjcg_server.openai_errors import OpenAIError, bad_request
@@ -84,18 +84,17 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
 
 
 def top_logprobs(body: ChatBody | CompletionBody) -> int | None:
-    """GenerationRequest.logprobs: None for none, else how many alternatives each token comes with."""
+    """GenerationRequest.logprobs (None: none; N: each token's logprob and its N most likely alternatives):
+    chat's logprobs + top_logprobs pair is the gRPC API's; completions' logprobs is the count alone."""
     if isinstance(body, CompletionBody):
-        count, param = body.logprobs, "logprobs"
-    elif body.logprobs:
-        count, param = body.top_logprobs or 0, "top_logprobs"
-    elif body.top_logprobs is not None:
-        raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
+        wanted, top, param = body.logprobs is not None, body.logprobs or 0, "logprobs"
     else:
-        return None
-    if count is not None and not 0 <= count <= MAX_TOP_LOGPROBS:
-        raise bad_request(f"{param} must be in [0, {MAX_TOP_LOGPROBS}], got {count}", param=param)
-    return count
+        wanted, top, param = bool(body.logprobs), body.top_logprobs or 0, "top_logprobs"
+    try:
+        return convert.top_logprobs(wanted, top)
+    except RequestError as e:
+        raise bad_request(str(e) if param == "top_logprobs" else f"logprobs (the alternatives per token): {e}",
+                          param=param) from None
 
 
 def constraint(response_format: Any) -> Constraint | None:
@@ -115,15 +114,18 @@ def constraint(response_format: Any) -> Constraint | None:
         if not isinstance(schema, dict):
             raise bad_request("response_format json_schema needs json_schema.schema, a JSON Schema object",
                               param="response_format.json_schema.schema")
-        return Constraint("json_schema", json.dumps(schema))
-    if kind in ("regex", "grammar"):
-        value = response_format.get(kind)
-        if not isinstance(value, str) or not value:
-            raise bad_request(f'response_format {kind} needs "{kind}", a non-empty string',
-                              param=f"response_format.{kind}")
-        return Constraint(kind, value)
-    raise bad_request(f"response_format.type must be text, json_object, json_schema, regex or grammar, got {kind!r}",
-                      param="response_format.type")
+        value, param = json.dumps(schema), "response_format.json_schema.schema"
+    elif kind in ("regex", "grammar"):
+        value, param = response_format.get(kind), f"response_format.{kind}"
+        if not isinstance(value, str):
+            raise bad_request(f'response_format {kind} needs "{kind}", a string', param=param)
+    else:
+        raise bad_request("response_format.type must be text, json_object, json_schema, regex or grammar, "
+                          f"got {kind!r}", param="response_format.type")
+    try:
+        return convert.checked_constraint(kind, value)
+    except RequestError as e:
+        raise bad_request(str(e), param=param) from None
 
 
 def choices(body: ChatBody | CompletionBody) -> int:
@@ -208,12 +210,21 @@ def _build(body: ChatBody | CompletionBody, engine: Engine) -> list[GenerationRe
         ignore_eos=bool(body.ignore_eos), logprobs=top_logprobs(body), constraint=constraint(body.response_format))
     request.prompt_ids = _prompt_ids(body, engine)
     try:
-        engine.validate(request)
+        engine.validate(request)  # compiles the response_format too (cached), off the event loop
     except RequestError as e:
-        raise bad_request(str(e), param="messages" if isinstance(body, ChatBody) else "prompt") from None
+        raise bad_request(str(e), param=_param_of(str(e), body)) from None
     # n choices: n jobs; a seeded request gives choice i the seed + i, so the choices differ yet repeat
     return [request] + [dataclasses.replace(request, sampling=dataclasses.replace(
         params, seed=None if params.seed is None else (params.seed + i) % 2**64)) for i in range(1, n)]
+
+
+def _param_of(message: str, body: ChatBody | CompletionBody) -> str:
+    """Which parameter an engine's RequestError is about (its messages start with what they check)."""
+    if message.startswith("constraint"):
+        return "response_format"
+    if message.startswith("ignore_eos"):
+        return "ignore_eos"
+    return "messages" if isinstance(body, ChatBody) else "prompt"
 
 
 async def build(body: ChatBody | CompletionBody, engine: Engine) -> list[GenerationRequest]:
