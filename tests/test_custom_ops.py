@@ -42,6 +42,47 @@ def test_sample_passes_opcheck(device, append):
     torch.library.opcheck(torch.ops.hjcg.sample.default, sample_args(device, append))
 
 
+def bitmask_args(device: str, rows: int = 3, vocab: int = 70, seed: int = 0) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    words = -(-vocab // 32)
+    bitmask = torch.randint(-2**31, 2**31, (rows, words), generator=g, dtype=torch.int64).to(torch.int32)
+    bitmask[0] = -1  # an unconstrained row
+    return torch.randn(rows, vocab, generator=g).to(device), bitmask.to(device)
+
+
+def bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """The op's semantics in torch: bit (v % 32) of word v // 32 clear -> logit -inf."""
+    v = torch.arange(logits.shape[1], device=logits.device)
+    allowed = (bitmask.long()[:, v // 32] >> (v % 32)) & 1
+    return logits.masked_fill(allowed == 0, float("-inf"))
+
+
+@pytest.mark.parametrize("device", [pytest.param(d, marks=gpu_only(d)) for d in DEVICES])
+def test_apply_token_bitmask_passes_opcheck(device):
+    torch.library.opcheck(torch.ops.hjcg.apply_token_bitmask.default, bitmask_args(device))
+
+
+@pytest.mark.parametrize("device", [pytest.param(d, marks=gpu_only(d)) for d in DEVICES])
+@pytest.mark.parametrize("rows,vocab", [(1, 32), (3, 70), (5, 49152), (2, 32000)])
+def test_apply_token_bitmask_masks_exactly_the_cleared_bits(device, rows, vocab):
+    logits, bitmask = bitmask_args(device, rows, vocab, seed=rows)
+    expected = bitmask_reference(logits, bitmask)
+    torch.ops.hjcg.apply_token_bitmask(logits, bitmask)
+    assert torch.equal(logits, expected)
+    assert torch.isfinite(logits[0]).all()  # the all-ones row is untouched
+
+
+def test_apply_token_bitmask_reads_row_views_and_refuses_short_masks():
+    logits, bitmask = bitmask_args("cpu", rows=4, vocab=70)
+    expected = bitmask_reference(logits[1:3], bitmask[1:3])
+    torch.ops.hjcg.apply_token_bitmask(logits[1:3], bitmask[1:3])
+    assert torch.equal(logits[1:3], expected)
+    with pytest.raises(RuntimeError, match="cannot cover a vocabulary"):
+        torch.ops.hjcg.apply_token_bitmask(logits, bitmask[:, :2])
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.hjcg.apply_token_bitmask(logits.double(), bitmask)
+
+
 @pytest.mark.parametrize("device", [pytest.param(d, marks=gpu_only(d)) for d in DEVICES])
 def test_pad_prompt_passes_opcheck(device):
     torch.library.opcheck(torch.ops.hjcg.pad_prompt.default, pad_args(device))
