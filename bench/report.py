@@ -100,6 +100,8 @@ def build_summary(raw: dict) -> dict:
                 s["grpc"][label] = {"ttft": ttft, "decode": dec}
     if "fp8" in raw or "fp8_quality" in raw:
         s["fp8"] = fp8_summary(raw.get("fp8"), raw.get("fp8_quality"))
+    if "structured" in raw:  # already in summary form (bench.structured_bench)
+        s["structured"] = raw["structured"]
     for key, build in (("concurrency", concurrency_summary), ("grpc_overhead", grpc_overhead_summary),
                        ("open_loop", open_loop_summary)):
         if key in raw:

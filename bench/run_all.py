@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bench import fp8_bench, grpc_bench
+from bench import fp8_bench, grpc_bench, structured_bench
 from bench.common import PROMPT_LENGTHS, environment, floors, model_floors, now, summary
 from bench.systems import HFEager, HFStaticCompiled, HjcgSystem, SeedPaper, measure
 from hjcg.config import DEFAULT_PREFILL_BUCKETS
@@ -20,9 +20,9 @@ from hjcg.random_models import random_llama
 
 DECODE_TOKENS = 397
 SECTIONS = ("llama7b", "profile", "buckets", "cache", "grpc_overhead", "fp8", "fp8_quality", "smollm", "grpc",
-            "concurrency", "open_loop")
+            "concurrency", "open_loop", "structured")
 # need the 7B model in this process
-MODEL_SECTIONS = ("llama7b", "profile", "buckets", "cache", "grpc_overhead", "fp8")
+MODEL_SECTIONS = ("llama7b", "profile", "buckets", "cache", "grpc_overhead", "fp8", "structured")
 SYSTEMS = ("hybrid", "graphs", "eager", "compiled", "hf-eager", "hf-static-compile", "seed-paper")
 _STARTED = time.monotonic()
 
@@ -222,6 +222,14 @@ def run(out: Path, quick: bool = False, sections: tuple[str, ...] = (), systems:
         if want("fp8"):
             log("fp8: start")
             results["fp8"] = fp8_bench.speed(loaded, quick, log)
+            save()
+        if want("structured"):
+            log("structured: start")
+            try:
+                results["structured"] = structured_bench.run(loaded, None, quick, log)
+            except Exception as e:  # one failing section must not sink the run; the error is in the results
+                results["structured"] = {"error": f"{type(e).__name__}: {e}"}
+                log(f"structured: FAILED {type(e).__name__}: {e}")
             save()
         if want("grpc_overhead"):  # its in-process half, on the model already loaded
             log("grpc_overhead in-process: start")
