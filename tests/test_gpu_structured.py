@@ -93,7 +93,7 @@ def test_mixed_batch_gives_every_stream_its_solo_tokens(engine):
         assert [t.id for t in batched] == [t.id for t in alone]
     assert valid_person("".join(t.text for t in together[0]))
     assert isinstance(json.loads("".join(t.text for t in together[3])), dict)
-    assert [t.logprob for t in together[2]] == pytest.approx([t.logprob for t in alone[2]], abs=1e-5)
+    assert [t.logprob for t in together[2]] == pytest.approx([t.logprob for t in solo[2]], abs=1e-5)
 
 
 def test_constrained_sampling_gives_valid_json_in_every_row(engine):
