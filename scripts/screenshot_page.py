@@ -32,7 +32,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-QUESTION = "Name three primary colors, one per line."
+QUESTION = "Name three primary colors."
+STREAMING = "Write a short poem about the sea."
 
 
 def headless_chrome(width: int = 1280, height: int = 900) -> WebDriver:
@@ -84,8 +85,12 @@ def wait_http(url: str, token: str | None, timeout: float = 180, proc: subproces
         try:
             with urllib.request.urlopen(request, timeout=2) as response:
                 return json.load(response)
-        except (urllib.error.URLError, ConnectionError, TimeoutError):  # not listening yet, or 503 while loading
-            time.sleep(0.3)
+        except urllib.error.HTTPError as e:
+            if e.code != 503:  # 503: the model is loading; anything else will not change by waiting
+                raise RuntimeError(f"{url}/hjcg/stats answered {e.code}: {e.read().decode(errors='replace')}")
+        except (urllib.error.URLError, ConnectionError, TimeoutError):  # not listening yet
+            pass
+        time.sleep(0.3)
     raise TimeoutError(f"{url}/hjcg/stats did not answer within {timeout:.0f} s")
 
 
@@ -97,8 +102,8 @@ def local_server() -> Iterator[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), str(ROOT / "server"), str(ROOT / "client"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "hjcg_server.cli", "serve", "--device", "cpu",
-                             "--listen", f"127.0.0.1:{free_port()}", "--http-listen", f"127.0.0.1:{port}",
-                             "--max-context", "1024"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+                             "--listen", f"127.0.0.1:{free_port()}", "--http-listen", f"127.0.0.1:{port}"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url, None, proc=proc)
@@ -127,8 +132,13 @@ def screenshot(url: str, out: Path, token: str | None) -> None:
             state = wait_answered(driver, ask(driver, question))
             if state != "done":
                 raise RuntimeError(f"the chat ended {state}")
-        time.sleep(2.2)  # two polls of /hjcg/stats after the answers, so the histograms include them
+        # the picture is taken while a third answer streams, so the live view shows it running
+        answer = ask(driver, STREAMING)
+        WebDriverWait(driver, 120, poll_frequency=0.05).until(
+            lambda d: int(answer.get_attribute("data-chunks")) >= 24
+            and d.find_element(By.ID, "live-running").text not in ("0", "–"))
         driver.save_screenshot(str(out))
+        driver.find_element(By.ID, "stop").click()
     finally:
         driver.quit()
 

@@ -4,7 +4,8 @@
 // every second. No libraries: the page must work on a machine with no internet.
 
 const $ = (id) => document.getElementById(id);
-const POLL_MS = 1000;
+// every second; ?refresh=MS asks for another interval (the browser test polls faster to catch short streams)
+const POLL_MS = Math.max(100, Number(new URLSearchParams(location.search).get("refresh")) || 1000);
 const TOKEN_KEY = "hjcg.token";
 
 const conversation = [];  // {role, content} as sent to the server; the page's only copy
@@ -106,18 +107,24 @@ async function* sseData(body) {
   const reader = body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    buffer += decoder.decode(value || new Uint8Array(), { stream: !done });
-    buffer = buffer.replace(/\r\n?/g, "\n");
-    let end;
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const event = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).replace(/^ /, ""));
-      if (data.length) yield data.join("\n");
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      buffer += decoder.decode(value || new Uint8Array(), { stream: !done });
+      // line ends may be \r\n or \r; a \r last in a read waits, since its \n may come in the next one
+      const held = !done && buffer.endsWith("\r") ? 1 : 0;
+      buffer = buffer.slice(0, buffer.length - held).replace(/\r\n?/g, "\n") + buffer.slice(buffer.length - held);
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).replace(/^ /, ""));
+        if (data.length) yield data.join("\n");
+      }
+      if (done) return;
     }
-    if (done) return;
+  } finally {
+    reader.cancel().catch(() => {});  // the caller stopped early ([DONE], an error): let the connection go
   }
 }
 
