@@ -5,7 +5,9 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
+import socket
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -366,3 +368,46 @@ def test_429_when_the_queue_is_full(guarded):
         results = list(pool.map(one, range(4)))
     # one row and a queue of one: at most two of four are admitted
     assert results.count("queue_full") >= 2 and 24 in results
+
+
+def test_shutdown_lets_running_requests_finish_and_refuses_new_ones(guarded):
+    """Last in the module: it stops the guarded server."""
+    good = openai.OpenAI(base_url=f"{guarded.http_url}/v1", api_key=TOKEN, max_retries=0, timeout=120)
+    model = good.models.list().data[0].id
+    stream = good.completions.create(model=model, prompt="Once upon a time", max_tokens=24, stream=True,
+                                     extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    first = next(chunks)
+    guarded.proc.terminate()
+    deadline = time.monotonic() + 10
+    while "shutting down" not in guarded.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(openai.InternalServerError) as e:
+        good.models.list()
+    assert e.value.status_code == 503 and e.value.body["code"] == "shutting_down"
+    rest = list(chunks)
+    assert rest[-1].choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].text for c in [first, *rest])
+    assert guarded.proc.wait(timeout=60) == 0
+
+
+# --- the command line ---------------------------------------------------------------------------------------------
+
+def serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hjcg_server.cli", "serve", "--device", "cpu", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_malformed_http_address_is_a_usage_error():
+    out = serve("--http-listen", "localhost")
+    assert out.returncode == 2 and "--http-listen" in out.stderr and "host:port" in out.stderr
+
+
+def test_busy_http_port_fails_the_start():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        out = serve("--listen", "127.0.0.1:0", "--http-listen", f"127.0.0.1:{port}")
+    assert out.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port} (--http-listen): address already in use" in out.stderr

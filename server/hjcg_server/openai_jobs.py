@@ -123,17 +123,24 @@ class Generation:
     async def events(self, request: Request | None = None) -> AsyncIterator[tuple[int, TokenOutput | Finish]]:
         """(choice index, event) until every job has finished. With request (non-streamed answers), raises
         ClientGone when its client disconnects; streamed answers learn that from Starlette, which cancels them."""
+        next_check = time.monotonic() + DISCONNECT_POLL_S
         while len(self._finished) < len(self.jobs):
             if request is None:
                 index, event = await self._queue.get()
-            else:
-                try:
-                    index, event = await asyncio.wait_for(self._queue.get(), DISCONNECT_POLL_S)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        raise ClientGone() from None
-                    continue
-            yield index, self._checked(index, event)
+                yield index, self._checked(index, event)
+                continue
+            # Checked on a clock, not only when the queue is idle: tokens that come faster than the poll
+            # interval must not hide a client that has gone.
+            try:
+                index, event = await asyncio.wait_for(self._queue.get(), max(0.0, next_check - time.monotonic()))
+            except TimeoutError:
+                index = event = None
+            if time.monotonic() >= next_check:
+                if await request.is_disconnected():
+                    raise ClientGone()
+                next_check = time.monotonic() + DISCONNECT_POLL_S
+            if event is not None:
+                yield index, self._checked(index, event)
 
     def _checked(self, index: int, event):
         now = time.perf_counter()
