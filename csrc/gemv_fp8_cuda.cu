@@ -33,8 +33,8 @@
 // computed in the kernel (each lane two values, moved into the fragments by shuffles); for B > 1 a small kernel
 // (gemv::silu_mul_rows) computes it first into a [B, K] buffer with the same expression (silu_mul_rounded):
 // computing B rows' activations in every block would make the kernel bound on the special-function units.
-// Measured (bench/results/2026-11-23-h100-fp8-lab): the Llama-2-7B chain in 3.01 ms at 1 row (2.19 TB/s; the
-// fp16 GEMV 4.72 ms, 2.80 TB/s), 3.11 ms at 8 rows, 4.74 ms at 16.
+// Measured (bench/results/2026-11-23-h100-fp8-lab, -fp8-ring-lab): the Llama-2-7B chain in 2.91 ms at 1 row
+// (2.27 TB/s; the fp16 GEMV 4.71 ms, 2.81 TB/s), 2.99 ms at 8 rows, 4.57 ms at 16.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -64,6 +64,12 @@ constexpr int kMaxSplit = 8;
 // 4.74), but one shape serves every row count: the warps' partial sums, and so a row's bits, depend on it.
 constexpr int kDefaultSplit = 8;
 constexpr int kDefaultDepth = 2;
+// Batches in flight per warp: 1, the register path (the next batch in registers); 2..8, the cp.async ring. The
+// ring with 2 stages (bench/results/2026-11-23-h100-fp8-ring-lab): 2.91 ms at 1 row, 2.99 at 8, 4.57 at 16,
+// against 3.00 / 3.11 / 4.73 in registers; more stages were slower (3 stages 3.03 at 1 row, 4: 3.12, 6: 3.24),
+// so the weight bytes in flight are not what holds the kernel at 2.3 TB/s.
+constexpr int kDefaultStages = 2;
+constexpr int kMaxStages = 8;
 constexpr float kFp8Max = 448.f;    // e4m3's largest finite value (hjcg.fp8.FP8_MAX)
 
 // Two e4m3 weights (the lower-indexed in the low byte) as one 32-bit word of T2, exactly, and the mma on T.
@@ -181,82 +187,40 @@ __device__ __forceinline__ void silu_mul_fragment(uint32_t gate, uint32_t up, in
   }
 }
 
-// kNorm: accumulate the rows' sums of squares (rms_eps >= 0). kHi: input rows 8..15 present (B > 8). kDepth:
-// chunks per warp and batch.
-template <typename T, bool kSiluMul, bool kNorm, bool kHi, int kDepth>
-__global__ void __launch_bounds__(kMaxSplit * 32) gemv_fp8_kernel(const Fp8GemvArgs a) {
-  static_assert(!(kSiluMul && (kNorm || kHi)), "the fused activation is for one row without the norm");
+// One chunk's products for a lane: its 16 weights (w) against input rows g and g + 8 at the same 16 columns (in),
+// into acc; kNorm adds the input rows' squares into sq.
+template <typename T, bool kSiluMul, bool kNorm, bool kHi>
+__device__ __forceinline__ void sum_chunk(const uint4& w, const uint4 (&in)[LaneStreams<T, kSiluMul, kHi>::kInputVectors],
+                                          int lane, float (&acc)[4], float (&sq)[2]) {
+  uint32_t lo[8], hi[8] = {};  // input rows g and g + 8 at the lane's 16 columns
+  if constexpr (kSiluMul) {
+    silu_mul_fragment<T>(in[0].x, in[0].y, lane, lo);
+  } else {
+    to_words(in[0], in[1], lo);
+    if constexpr (kHi) to_words(in[2], in[3], hi);
+  }
+  if constexpr (kNorm) {
+    sq[0] = sum_squares<T>(lo, sq[0]);
+    if constexpr (kHi) sq[1] = sum_squares<T>(hi, sq[1]);
+  }
+  const uint32_t* wq = reinterpret_cast<const uint32_t*>(&w);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {  // the lane's columns 4j .. 4j + 3
+    const uint32_t frag[4] = {lo[2 * j], hi[2 * j], lo[2 * j + 1], hi[2 * j + 1]};
+    Fp8Mma<T>::mma(acc, frag, Fp8Mma<T>::weights(static_cast<uint16_t>(wq[j] & 0xffffu)),
+                   Fp8Mma<T>::weights(static_cast<uint16_t>(wq[j] >> 16)));
+  }
+}
+
+// The block's end: the warps' partial sums (and the norm's sums of squares) added in warp order through shared
+// memory, then out = residual + scale * w_scale * dot for the block's 8 weight rows.
+template <typename T, bool kNorm, bool kHi>
+__device__ __forceinline__ void finish_block(const Fp8GemvArgs& a, const float (&acc)[2][4], float (&sq)[2]) {
   __shared__ float partial[kMaxSplit][kMaxInputRows][kRowsPerBlock];
   __shared__ float partial_sq[kMaxSplit][kMaxInputRows];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int split = blockDim.x >> 5;
-  const int k_dim = static_cast<int>(a.k_dim), chunks = (k_dim + kChunk - 1) / kChunk, stride = split * kDepth;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
-  const T* x = static_cast<const T*>(a.x);
-  LaneStreams<T, kSiluMul, kHi> streams;
-  // rows past N (the last block) read row N - 1 and are not written
-  streams.weights = a.q + min(row0 + g, a.n_dim - 1) * a.k_dim + t * kLaneColumns;
-  if constexpr (kSiluMul) {
-    streams.lo = x + 2 * lane;
-    streams.hi = x + a.k_dim + 2 * lane;
-  } else {
-    streams.lo = x + static_cast<int64_t>(min(g, a.rows - 1)) * a.k_dim + t * kLaneColumns;
-    streams.hi = x + static_cast<int64_t>(min(g + 8, a.rows - 1)) * a.k_dim + t * kLaneColumns;
-  }
-  streams.k_dim = k_dim;
-  streams.chunks = chunks;
-  streams.weight_column = t * kLaneColumns;
-  streams.input_column = kSiluMul ? 2 * lane : t * kLaneColumns;
-  streams.has_lo = g < a.rows;
-  streams.has_hi = g + 8 < a.rows;
-
-  // Warp w takes kDepth consecutive chunks at a time (chunks (i * split + w) * kDepth + u), their loads issued
-  // back to back: 8 rows x kDepth * 64 contiguous bytes, the block's warps side by side. The next batch's
-  // weights are in flight while this one is summed; this batch's inputs (from L2 or L1) are all requested
-  // before the first is used. (Loading each chunk's input just before its mmas cost an L2 round trip per chunk:
-  // 1.9 TB/s; a ring refilling one chunk at a time spread a warp's weight loads out: 1.2-1.5 TB/s.)
-  uint4 next[kDepth];
-  auto load_weights = [&](int c0) {
-#pragma unroll
-    for (int u = 0; u < kDepth; ++u) next[u] = streams.weights_of(c0 + u);
-  };
-  // C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1] (input row, weight row of the block), in two accumulators
-  // (even and odd chunks of a batch) so that an mma waits on the one before the last, not the last
-  float acc[2][4] = {};
-  float sq[2] = {};  // sums of squares of input rows g and g + 8 over this lane's columns
-  load_weights(warp * kDepth);
-  for (int c0 = warp * kDepth; c0 < chunks; c0 += stride) {
-    uint4 w[kDepth];
-#pragma unroll
-    for (int u = 0; u < kDepth; ++u) w[u] = next[u];
-    if (c0 + stride < chunks) load_weights(c0 + stride);
-    uint4 in[kDepth][LaneStreams<T, kSiluMul, kHi>::kInputVectors];
-#pragma unroll
-    for (int u = 0; u < kDepth; ++u) streams.inputs_of(c0 + u, in[u]);
-#pragma unroll
-    for (int u = 0; u < kDepth; ++u) {
-      if (c0 + u >= chunks) break;  // uniform over the warp
-      uint32_t lo[8], hi[8] = {};  // input rows g and g + 8 at the lane's 16 columns
-      if constexpr (kSiluMul) {
-        silu_mul_fragment<T>(in[u][0].x, in[u][0].y, lane, lo);
-      } else {
-        to_words(in[u][0], in[u][1], lo);
-        if constexpr (kHi) to_words(in[u][2], in[u][3], hi);
-      }
-      if constexpr (kNorm) {
-        sq[0] = sum_squares<T>(lo, sq[0]);
-        if constexpr (kHi) sq[1] = sum_squares<T>(hi, sq[1]);
-      }
-      const uint32_t* wq = reinterpret_cast<const uint32_t*>(&w[u]);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {  // the lane's columns 4j .. 4j + 3
-        const uint32_t frag[4] = {lo[2 * j], hi[2 * j], lo[2 * j + 1], hi[2 * j + 1]};
-        Fp8Mma<T>::mma(acc[u & 1], frag, Fp8Mma<T>::weights(static_cast<uint16_t>(wq[j] & 0xffffu)),
-                       Fp8Mma<T>::weights(static_cast<uint16_t>(wq[j] >> 16)));
-      }
-    }
-  }
-
   partial[warp][g][2 * t] = acc[0][0] + acc[1][0];
   partial[warp][g][2 * t + 1] = acc[0][1] + acc[1][1];
   if constexpr (kHi) {
@@ -284,11 +248,157 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_fp8_kernel(const Fp8GemvA
       dot += partial[v][b][n];
       if constexpr (kNorm) ss += partial_sq[v][b];
     }
-    const float scale = kNorm && a.rms_eps >= 0.f ? rsqrtf(ss / static_cast<float>(k_dim) + a.rms_eps) : 1.f;
+    const float scale = kNorm && a.rms_eps >= 0.f ? rsqrtf(ss / static_cast<float>(a.k_dim) + a.rms_eps) : 1.f;
     const int64_t idx = b * a.n_dim + row;
     const float base = a.residual != nullptr ? to_float(static_cast<const T*>(a.residual)[idx]) : 0.f;
     static_cast<T*>(a.out)[idx] = from_float<T>(base + scale * (a.w_scale[row] * dot));
   }
+}
+
+// The lane's streams for block blockIdx.x (see Layout above).
+template <typename T, bool kSiluMul, bool kHi>
+__device__ __forceinline__ LaneStreams<T, kSiluMul, kHi> lane_streams(const Fp8GemvArgs& a) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int k_dim = static_cast<int>(a.k_dim);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  const T* x = static_cast<const T*>(a.x);
+  LaneStreams<T, kSiluMul, kHi> streams;
+  // rows past N (the last block) read row N - 1 and are not written
+  streams.weights = a.q + min(row0 + g, a.n_dim - 1) * a.k_dim + t * kLaneColumns;
+  if constexpr (kSiluMul) {
+    streams.lo = x + 2 * lane;
+    streams.hi = x + a.k_dim + 2 * lane;
+  } else {
+    streams.lo = x + static_cast<int64_t>(min(g, a.rows - 1)) * a.k_dim + t * kLaneColumns;
+    streams.hi = x + static_cast<int64_t>(min(g + 8, a.rows - 1)) * a.k_dim + t * kLaneColumns;
+  }
+  streams.k_dim = k_dim;
+  streams.chunks = (k_dim + kChunk - 1) / kChunk;
+  streams.weight_column = t * kLaneColumns;
+  streams.input_column = kSiluMul ? 2 * lane : t * kLaneColumns;
+  streams.has_lo = g < a.rows;
+  streams.has_hi = g + 8 < a.rows;
+  return streams;
+}
+
+// kNorm: accumulate the rows' sums of squares (rms_eps >= 0). kHi: input rows 8..15 present (B > 8). kDepth:
+// chunks per warp and batch. The register path (stages = 1): the next batch's weights in registers.
+template <typename T, bool kSiluMul, bool kNorm, bool kHi, int kDepth>
+__global__ void __launch_bounds__(kMaxSplit * 32) gemv_fp8_kernel(const Fp8GemvArgs a) {
+  static_assert(!(kSiluMul && (kNorm || kHi)), "the fused activation is for one row without the norm");
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const LaneStreams<T, kSiluMul, kHi> streams = lane_streams<T, kSiluMul, kHi>(a);
+  const int chunks = streams.chunks, stride = (blockDim.x >> 5) * kDepth;
+
+  // Warp w takes kDepth consecutive chunks at a time (chunks (i * split + w) * kDepth + u), their loads issued
+  // back to back: 8 rows x kDepth * 64 contiguous bytes, the block's warps side by side. The next batch's
+  // weights are in flight while this one is summed; this batch's inputs (from L2 or L1) are all requested
+  // before the first is used. (Loading each chunk's input just before its mmas cost an L2 round trip per chunk:
+  // 1.9 TB/s; a ring refilling one chunk at a time spread a warp's weight loads out: 1.2-1.5 TB/s.)
+  uint4 next[kDepth];
+  auto load_weights = [&](int c0) {
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u) next[u] = streams.weights_of(c0 + u);
+  };
+  // C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1] (input row, weight row of the block), in two accumulators
+  // (even and odd chunks of a batch) so that an mma waits on the one before the last, not the last
+  float acc[2][4] = {};
+  float sq[2] = {};  // sums of squares of input rows g and g + 8 over this lane's columns
+  load_weights(warp * kDepth);
+  for (int c0 = warp * kDepth; c0 < chunks; c0 += stride) {
+    uint4 w[kDepth];
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u) w[u] = next[u];
+    if (c0 + stride < chunks) load_weights(c0 + stride);
+    uint4 in[kDepth][LaneStreams<T, kSiluMul, kHi>::kInputVectors];
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u) streams.inputs_of(c0 + u, in[u]);
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u) {
+      if (c0 + u >= chunks) break;  // uniform over the warp
+      sum_chunk<T, kSiluMul, kNorm, kHi>(w[u], in[u], lane, acc[u & 1], sq);
+    }
+  }
+  finish_block<T, kNorm, kHi>(a, acc, sq);
+}
+
+// cp.async: 16 bytes from global to shared memory without passing through registers, marked evict-first in L2
+// (as __ldcs marks the register path's weight loads: the weights stream through once, and must not push the
+// inputs, which every block reads again, out of L2); src_bytes 0 writes zeros and reads nothing.
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ void copy_async16(void* dst, const void* src, bool valid, uint64_t policy) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(d), "l"(src),
+               "r"(valid ? 16 : 0), "l"(policy)
+               : "memory");
+}
+__device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most `pending` of this thread's copy groups are still in flight (an immediate in PTX).
+__device__ __forceinline__ void wait_async(int pending) {
+  switch (pending) {
+    case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+    case 4: asm volatile("cp.async.wait_group 4;\n" ::: "memory"); break;
+    case 5: asm volatile("cp.async.wait_group 5;\n" ::: "memory"); break;
+    case 6: asm volatile("cp.async.wait_group 6;\n" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 7;\n" ::: "memory"); break;
+  }
+}
+
+// The ring path (stages >= 2): each lane copies its weights with cp.async into its own slots of a ring in shared
+// memory, `stages` batches ahead, so the weight bytes in flight are bounded by shared memory rather than by
+// registers (the register path keeps one batch in flight). A lane reads back only what it copied, so no barrier
+// is needed: cp.async.wait_group orders its own copies, and a slot is refilled only after the mmas that consumed
+// it have issued. Slot (stage, u) of thread i: ring[(stage * kDepth + u) * threads + i], so a warp's 16-byte
+// reads are contiguous (no bank conflicts). The inputs go through L1 as in the register path (__ldg, requested at
+// the top of the batch, before the wait): the blocks on an SM read the same columns of x at about the same time.
+// (Copying the inputs through the ring as well, L2 only, made the chain 1.8x slower at 1 row and 4.7x at 8.)
+template <typename T, bool kSiluMul, bool kNorm, bool kHi, int kDepth>
+__global__ void __launch_bounds__(kMaxSplit * 32) gemv_fp8_ring_kernel(const Fp8GemvArgs a, int stages) {
+  static_assert(!(kSiluMul && (kNorm || kHi)), "the fused activation is for one row without the norm");
+  using Streams = LaneStreams<T, kSiluMul, kHi>;
+  extern __shared__ uint4 ring[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, threads = blockDim.x;
+  const Streams s = lane_streams<T, kSiluMul, kHi>(a);
+  const int chunks = s.chunks, stride = (threads >> 5) * kDepth;
+  const uint64_t policy = evict_first_policy();
+  auto slot = [&](int stage, int u) -> uint4* { return ring + (stage * kDepth + u) * threads + threadIdx.x; };
+  auto fill = [&](int c0, int stage) {  // batch c0's weights into `stage`, one commit group (empty past the end)
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u) {
+      const int c = c0 + u, off = c * kChunk;
+      if (c >= chunks) break;
+      const bool ok = off + s.weight_column < s.k_dim;
+      copy_async16(slot(stage, u), ok ? s.weights + off : s.weights, ok, policy);
+    }
+    commit_async();
+  };
+  float acc[2][4] = {};
+  float sq[2] = {};
+  const int first = warp * kDepth;
+  for (int i = 0; i < stages; ++i) fill(first + i * stride, i);
+  int stage = 0;
+  for (int c0 = first; c0 < chunks; c0 += stride) {
+    uint4 in[kDepth][Streams::kInputVectors];
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u) s.inputs_of(c0 + u, in[u]);
+    wait_async(stages - 1);
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u) {
+      if (c0 + u >= chunks) break;  // uniform over the warp
+      sum_chunk<T, kSiluMul, kNorm, kHi>(*slot(stage, u), in[u], lane, acc[u & 1], sq);
+    }
+    fill(c0 + stages * stride, stage);
+    stage = stage + 1 == stages ? 0 : stage + 1;
+  }
+  wait_async(0);  // nothing may land in shared memory after the block ends
+  finish_block<T, kNorm, kHi>(a, acc, sq);
 }
 
 // One block per row: amax, the row's scale amax / 448 (1 for an all-zero row), then e4m3(x / scale) with
@@ -346,19 +456,34 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const T* _
 
 // How a call runs: warps per block and chunks per warp and batch (the lab's knobs; the defaults above).
 struct Fp8GemvShape {
-  int split, depth;
+  int split, depth, stages;
 };
+
+template <typename T, bool kSiluMul, bool kNorm, bool kHi, int kDepth>
+void launch_depth(const Fp8GemvArgs& a, Fp8GemvShape shape, int blocks, cudaStream_t stream) {
+  const int threads = shape.split * 32;
+  if (shape.stages == 1) {
+    gemv_fp8_kernel<T, kSiluMul, kNorm, kHi, kDepth><<<blocks, threads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const auto kernel = gemv_fp8_ring_kernel<T, kSiluMul, kNorm, kHi, kDepth>;
+  const size_t ring_bytes = static_cast<size_t>(shape.stages) * kDepth * threads * sizeof(uint4);
+  // at most 8 stages x 4 chunks x 256 threads x 16 B = 128 KiB, within the 227 KiB a Hopper block may take
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(ring_bytes)));
+  kernel<<<blocks, threads, ring_bytes, stream>>>(a, shape.stages);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 template <typename T, bool kSiluMul, bool kNorm, bool kHi>
 void launch_gemv_fp8(const Fp8GemvArgs& a, Fp8GemvShape shape, cudaStream_t stream) {
   const int64_t blocks = (a.n_dim + kRowsPerBlock - 1) / kRowsPerBlock;
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "gemv_fp8: weight has too many rows");
-  const auto run = [&](auto kernel) {
-    kernel<<<static_cast<int>(blocks), shape.split * 32, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  if (shape.depth == 2) return run(gemv_fp8_kernel<T, kSiluMul, kNorm, kHi, 2>);
-  run(gemv_fp8_kernel<T, kSiluMul, kNorm, kHi, 4>);  // 4, checked on entry
+  const int b = static_cast<int>(blocks);
+  if (shape.depth == 1) return launch_depth<T, kSiluMul, kNorm, kHi, 1>(a, shape, b, stream);
+  if (shape.depth == 2) return launch_depth<T, kSiluMul, kNorm, kHi, 2>(a, shape, b, stream);
+  launch_depth<T, kSiluMul, kNorm, kHi, 4>(a, shape, b, stream);  // 4, checked on entry
 }
 
 template <typename T>
@@ -390,7 +515,7 @@ bool gemv_fp8_supported(const torch::Tensor& x, const torch::Tensor& q, const to
 
 void gemv_fp8_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, double rms_eps,
                    bool silu_mul, const c10::optional<torch::Tensor>& residual, const torch::Tensor& out,
-                   int64_t split, int64_t depth) {
+                   int64_t split, int64_t depth, int64_t stages) {
   // Literal messages only: in this build a failing TORCH_CHECK whose message is formatted in a .cu file (c10::str
   // building a std::string here) crashed the process instead of raising (measured on the H100 with gemv's own
   // check, 2026-11-23); a literal message is passed to libtorch as it is.
@@ -403,7 +528,8 @@ void gemv_fp8_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::
               "gemv_fp8: x must be [B, K] (K = q's columns), or [B, 2K] = [gate, up] with silu_mul");
   TORCH_CHECK(!(silu_mul && rms_eps >= 0), "gemv_fp8: the norm and silu_mul do not combine");
   TORCH_CHECK(split >= 0 && split <= kMaxSplit, "gemv_fp8: split must be 0 (the default) to 8");
-  TORCH_CHECK(depth == 0 || depth == 2 || depth == 4, "gemv_fp8: depth must be 0 (the default), 2 or 4");
+  TORCH_CHECK(depth == 0 || depth == 1 || depth == 2 || depth == 4, "gemv_fp8: depth must be 0 (the default), 1, 2 or 4");
+  TORCH_CHECK(stages >= 0 && stages <= kMaxStages, "gemv_fp8: stages must be 0 (the default) to 8");
   gemv::check_rows_tensor(out, x, rows, n_dim);
   TORCH_CHECK(!gemv::overlaps(out, x) && !gemv::overlaps(out, q) && !gemv::overlaps(out, scale),
               "gemv_fp8: out must not overlap x, q or scale");
@@ -425,7 +551,8 @@ void gemv_fp8_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::
     silu_mul = false;
   }
   const Fp8GemvShape shape{split != 0 ? static_cast<int>(split) : kDefaultSplit,
-                           depth != 0 ? static_cast<int>(depth) : kDefaultDepth};
+                           depth != 0 ? static_cast<int>(depth) : kDefaultDepth,
+                           stages != 0 ? static_cast<int>(stages) : kDefaultStages};
   if (half) dispatch_gemv_fp8<__half>(args, silu_mul, shape, stream);
   else dispatch_gemv_fp8<__nv_bfloat16>(args, silu_mul, shape, stream);
 }

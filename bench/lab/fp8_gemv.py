@@ -12,7 +12,8 @@
    path); fp8 through torch._scaled_mm after the per-token quantization kernel (with and without fast
    accumulation); fp8 dequantized to fp16, then cuBLAS; and the fp8 GEMV where the rows fit.
 
-    python -m bench.lab.fp8_gemv OUT_DIR   (writes OUT_DIR/fp8_gemv.json)
+    python -m bench.lab.fp8_gemv OUT_DIR [SECTIONS]   (writes OUT_DIR/fp8_gemv.json; SECTIONS: a comma list of
+                                                      chain, prompt, accuracy; all three by default)
 """
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ from hjcg.fused_ops import FP8_GEMV_MAX_ROWS, FusedCudaOps
 
 ROWS = (1, 2, 4, 8, 16)
 FP16_ROWS = (1, 2, 4, 8)  # the fp16 GEMV's limit
-# the kernel's launch shapes swept, (warps per block, chunks per warp and batch); (0, 0): its defaults
-SHAPES_SWEPT = [(0, 0)] + [(split, depth) for depth in (2, 4) for split in (2, 4, 8)]
+# the kernel's launch shapes swept, (warps per block, chunks per warp and batch, batches in flight: 1 in registers,
+# more through the cp.async ring); (0, 0, 0): its defaults
+SHAPES_SWEPT = [(0, 0, 0), (8, 2, 1), (4, 2, 1), (8, 2, 2), (8, 2, 3), (8, 2, 4), (8, 2, 6), (8, 1, 4), (8, 1, 8),
+                (4, 2, 4), (4, 2, 8), (4, 4, 2), (4, 4, 4), (8, 4, 2), (8, 4, 3)]
 SWEEP_ROWS = (1, 8, 16)
 SHAPE_ROWS = (1, 8, 16)
 PROMPT_TOKENS = (10, 16, 48, 100, 128, 500, 512)  # 48 and 512: the smallest and largest prefill buckets
@@ -54,13 +57,13 @@ CALLS = {"qkv": ("x", "qkv", EPS, False, False), "o": ("attn", "x", -1.0, False,
          "lm_head": ("x", "logits", EPS, False, False)}
 
 
-def call(shape: str, w: Fp8Weight, b: Buffers, launch: tuple[int, int] = (0, 0)) -> None:
+def call(shape: str, w: Fp8Weight, b: Buffers, launch: tuple[int, int, int] = (0, 0, 0)) -> None:
     inp, out, rms_eps, silu_mul, residual = CALLS[shape]
     dst = getattr(b, out)
     _C.gemv_fp8(getattr(b, inp), w.q, w.scale, rms_eps, silu_mul, dst if residual else None, dst, *launch)
 
 
-def fp8_chain(w: Fp8Weights, b: Buffers, launch: tuple[int, int]) -> None:
+def fp8_chain(w: Fp8Weights, b: Buffers, launch: tuple[int, int, int]) -> None:
     b.x.copy_(b.x0)
     for layer in w.layers:
         for shape in SHAPES:
@@ -87,19 +90,25 @@ def decode_chains(w16: Weights, w8: Fp8Weights, inputs: dict[str, torch.Tensor],
     for rows in ROWS:
         b = Buffers(rows, inputs)
         for launch in SHAPES_SWEPT if rows in SWEEP_ROWS else SHAPES_SWEPT[:1]:
-            graph = graph_of(lambda: fp8_chain(w8, b, launch))
+            try:
+                graph = graph_of(lambda: fp8_chain(w8, b, launch))
+            except RuntimeError as e:  # a ring that does not fit in shared memory at this row count
+                result["chain"].append({"impl": "fp8_gemv", "launch": launch, "rows": rows,
+                                        "error": str(e).splitlines()[0]})
+                print(f"chain  rows {rows:2d}  fp8 {launch}  {str(e).splitlines()[0]}", flush=True)
+                continue
             if launch == SHAPES_SWEPT[0]:
                 logits0[rows] = b.logits[0].clone()  # after one replay (graph_of replays once)
             s = replay_s(graph)
             result["chain"].append({"impl": "fp8_gemv", "launch": launch, "rows": rows, "ms": s * 1e3,
                                     "tb_s": w8.bytes / s / 1e12})
-            print(f"chain  rows {rows:2d}  fp8 (split, depth) {launch}  {s * 1e3:7.3f} ms  "
+            print(f"chain  rows {rows:2d}  fp8 (split, depth, stages) {launch}  {s * 1e3:7.3f} ms  "
                   f"{w8.bytes / s / 1e12:5.2f} TB/s", flush=True)
             del graph
         if rows in FP16_ROWS:
             graph = graph_of(lambda: gemv_chain(w16, b))
             s = replay_s(graph)
-            result["chain"].append({"impl": "fp16_gemv", "launch": (0, 0), "rows": rows, "ms": s * 1e3,
+            result["chain"].append({"impl": "fp16_gemv", "launch": (0, 0, 0), "rows": rows, "ms": s * 1e3,
                                     "tb_s": w16.bytes / s / 1e12})
             print(f"chain  rows {rows:2d}  fp16 gemv     {s * 1e3:7.3f} ms  {w16.bytes / s / 1e12:5.2f} TB/s", flush=True)
             del graph
@@ -174,7 +183,10 @@ def prompt_products(w16: Weights, w8: Fp8Weights, result: dict) -> None:
             torch.cuda.empty_cache()
 
 
-def main(out: Path) -> None:
+SECTIONS = ("chain", "prompt", "accuracy")
+
+
+def main(out: Path, sections: tuple[str, ...] = SECTIONS) -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     rates = floors()
@@ -186,9 +198,10 @@ def main(out: Path) -> None:
         result["weight_bytes"] = {"fp16": w16.bytes, "fp8": w8.bytes}
         inputs = {name: torch.randn(max(ROWS), n, device="cuda", dtype=torch.float16)
                   for name, n in (("x", HIDDEN), ("attn", HIDDEN), ("act", FFN))}
-        for section in (lambda: decode_chains(w16, w8, inputs, result), lambda: prompt_products(w16, w8, result),
-                        lambda: prompt_accuracy(w8, result)):
-            section()
+        runs = {"chain": lambda: decode_chains(w16, w8, inputs, result),
+                "prompt": lambda: prompt_products(w16, w8, result), "accuracy": lambda: prompt_accuracy(w8, result)}
+        for name in sections:
+            runs[name]()
             (out / "fp8_gemv.json").write_text(json.dumps(result, indent=1))  # what is done so far
     print_tables(result)
 
@@ -198,17 +211,18 @@ def print_tables(result: dict) -> None:
     wb = result["weight_bytes"]
     print(f"\nLlama-2-7B decode GEMV chain: fp8 {wb['fp8'] / 1e9:.2f} GB, fp16 {wb['fp16'] / 1e9:.2f} GB; "
           f"device copy rate {result['copy_tb_s']:.2f} TB/s")
-    print(f"{'rows':>4} | {'fp8 default':>16} | {'fp8 best (split, depth)':>31} | {'fp16 GEMV':>16}")
+    print(f"{'rows':>4} | {'fp8 default':>16} | {'fp8 best (split, depth, stages)':>31} | {'fp16 GEMV':>16}")
     for rows in ROWS:
         default = chain[("fp8_gemv", SHAPES_SWEPT[0], rows)]
-        best = min((r for r in result["chain"] if r["impl"] == "fp8_gemv" and r["rows"] == rows), key=lambda r: r["ms"])
-        f16 = chain.get(("fp16_gemv", (0, 0), rows))
+        best = min((r for r in result["chain"] if r["impl"] == "fp8_gemv" and r["rows"] == rows and "ms" in r),
+                   key=lambda r: r["ms"])
+        f16 = chain.get(("fp16_gemv", (0, 0, 0), rows))
         print(f"{rows:>4} | {default['ms']:7.3f} ms {default['tb_s']:4.2f} | {best['ms']:7.3f} ms {best['tb_s']:4.2f} "
               f"{str(tuple(best['launch'])):>14} | " + (f"{f16['ms']:7.3f} ms {f16['tb_s']:4.2f}" if f16 else "-"))
-    print("\nfp8 chain ms by (split, depth), rows " + ", ".join(map(str, SWEEP_ROWS)) + ":")
+    print("\nfp8 chain ms by (split, depth, stages), rows " + ", ".join(map(str, SWEEP_ROWS)) + ":")
     for launch in SHAPES_SWEPT[1:]:
-        print(f"  {str(launch):>10}: " + "  ".join(f"{chain[('fp8_gemv', launch, rows)]['ms']:7.3f}"
-                                                 for rows in SWEEP_ROWS))
+        cells = (chain.get(("fp8_gemv", launch, rows), {}).get("ms") for rows in SWEEP_ROWS)
+        print(f"  {str(launch):>12}: " + "  ".join("      -" if ms is None else f"{ms:7.3f}" for ms in cells))
     print("\nfp8 GEMV, each shape alone (TB/s):")
     shapes = list(dict.fromkeys(r["shape"] for r in result["shapes"]))
     cell = {(r["rows"], r["shape"]): r["tb_s"] for r in result["shapes"]}
@@ -229,4 +243,4 @@ def print_tables(result: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), tuple(sys.argv[2].split(",")) if len(sys.argv) > 2 else SECTIONS)
