@@ -69,6 +69,9 @@ constexpr int kDefaultDepth = 2;
 // against 3.00 / 3.11 / 4.73 in registers; more stages were slower (3 stages 3.03 at 1 row, 4: 3.12, 6: 3.24),
 // so the weight bytes in flight are not what holds the kernel at 2.3 TB/s.
 constexpr int kDefaultStages = 2;
+// Tiles of 8 weight rows per block when more than 8 input rows come (one tile below): each chunk's inputs then serve
+// 16 weight rows. Rows' bits do not depend on it (see gemv_fp8_ring_kernel).
+constexpr int kDefaultTilesPast8Rows = 2;
 constexpr int kMaxStages = 8;
 constexpr float kFp8Max = 448.f;    // e4m3's largest finite value (hjcg.fp8.FP8_MAX)
 
@@ -117,6 +120,7 @@ template <typename T, bool kSiluMul, bool kHi>
 struct LaneStreams {
   static constexpr int kInputVectors = kSiluMul ? 1 : kHi ? 4 : 2;  // 16-byte vectors of input per chunk
   const uint8_t* weights;  // row g of the block, column 16t
+  int64_t tile_offset;     // from row g of the block's first tile of 8 rows to row g of its second
   const T* lo;             // input row g, column 16t (kSiluMul: gate at column 2l)
   const T* hi;             // input row g + 8, column 16t (kSiluMul: up at column 2l)
   int k_dim, chunks;
@@ -187,12 +191,11 @@ __device__ __forceinline__ void silu_mul_fragment(uint32_t gate, uint32_t up, in
   }
 }
 
-// One chunk's products for a lane: its 16 weights (w) against input rows g and g + 8 at the same 16 columns (in),
-// into acc; kNorm adds the input rows' squares into sq.
+// A chunk's A fragments for a lane: input rows g and g + 8 at its 16 columns (in) as words of T2 (lo, hi); kNorm
+// adds the rows' squares into sq.
 template <typename T, bool kSiluMul, bool kNorm, bool kHi>
-__device__ __forceinline__ void sum_chunk(const uint4& w, const uint4 (&in)[LaneStreams<T, kSiluMul, kHi>::kInputVectors],
-                                          int lane, float (&acc)[4], float (&sq)[2]) {
-  uint32_t lo[8], hi[8] = {};  // input rows g and g + 8 at the lane's 16 columns
+__device__ __forceinline__ void chunk_inputs(const uint4 (&in)[LaneStreams<T, kSiluMul, kHi>::kInputVectors], int lane,
+                                             uint32_t (&lo)[8], uint32_t (&hi)[8], float (&sq)[2]) {
   if constexpr (kSiluMul) {
     silu_mul_fragment<T>(in[0].x, in[0].y, lane, lo);
   } else {
@@ -203,6 +206,12 @@ __device__ __forceinline__ void sum_chunk(const uint4& w, const uint4 (&in)[Lane
     sq[0] = sum_squares<T>(lo, sq[0]);
     if constexpr (kHi) sq[1] = sum_squares<T>(hi, sq[1]);
   }
+}
+
+// A chunk's products for a lane: its 16 weights (w) against the A fragments, into acc.
+template <typename T>
+__device__ __forceinline__ void chunk_mma(const uint4& w, const uint32_t (&lo)[8], const uint32_t (&hi)[8],
+                                          float (&acc)[4]) {
   const uint32_t* wq = reinterpret_cast<const uint32_t*>(&w);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {  // the lane's columns 4j .. 4j + 3
@@ -212,20 +221,33 @@ __device__ __forceinline__ void sum_chunk(const uint4& w, const uint4 (&in)[Lane
   }
 }
 
+template <typename T, bool kSiluMul, bool kNorm, bool kHi>
+__device__ __forceinline__ void sum_chunk(const uint4& w, const uint4 (&in)[LaneStreams<T, kSiluMul, kHi>::kInputVectors],
+                                          int lane, float (&acc)[4], float (&sq)[2]) {
+  uint32_t lo[8], hi[8] = {};
+  chunk_inputs<T, kSiluMul, kNorm, kHi>(in, lane, lo, hi, sq);
+  chunk_mma<T>(w, lo, hi, acc);
+}
+
 // The block's end: the warps' partial sums (and the norm's sums of squares) added in warp order through shared
-// memory, then out = residual + scale * w_scale * dot for the block's 8 weight rows.
-template <typename T, bool kNorm, bool kHi>
-__device__ __forceinline__ void finish_block(const Fp8GemvArgs& a, const float (&acc)[2][4], float (&sq)[2]) {
-  __shared__ float partial[kMaxSplit][kMaxInputRows][kRowsPerBlock];
+// memory, then out = residual + scale * w_scale * dot for the block's kTiles x 8 weight rows.
+template <typename T, bool kNorm, bool kHi, int kTiles>
+__device__ __forceinline__ void finish_block(const Fp8GemvArgs& a, const float (&acc)[kTiles][2][4], float (&sq)[2]) {
+  constexpr int kRows = kTiles * kRowsPerBlock;
+  __shared__ float partial[kMaxSplit][kMaxInputRows][kRows];
   __shared__ float partial_sq[kMaxSplit][kMaxInputRows];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int split = blockDim.x >> 5;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
-  partial[warp][g][2 * t] = acc[0][0] + acc[1][0];
-  partial[warp][g][2 * t + 1] = acc[0][1] + acc[1][1];
-  if constexpr (kHi) {
-    partial[warp][g + 8][2 * t] = acc[0][2] + acc[1][2];
-    partial[warp][g + 8][2 * t + 1] = acc[0][3] + acc[1][3];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j) {
+    const int n = j * kRowsPerBlock + 2 * t;
+    partial[warp][g][n] = acc[j][0][0] + acc[j][1][0];
+    partial[warp][g][n + 1] = acc[j][0][1] + acc[j][1][1];
+    if constexpr (kHi) {
+      partial[warp][g + 8][n] = acc[j][0][2] + acc[j][1][2];
+      partial[warp][g + 8][n + 1] = acc[j][0][3] + acc[j][1][3];
+    }
   }
   if constexpr (kNorm) {  // over the 4 lanes of a row, then (below) over the warps in order
 #pragma unroll
@@ -239,8 +261,8 @@ __device__ __forceinline__ void finish_block(const Fp8GemvArgs& a, const float (
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < a.rows * kRowsPerBlock; i += blockDim.x) {
-    const int b = i / kRowsPerBlock, n = i % kRowsPerBlock;
+  for (int i = threadIdx.x; i < a.rows * kRows; i += blockDim.x) {
+    const int b = i / kRows, n = i % kRows;
     const int64_t row = row0 + n;
     if (row >= a.n_dim) continue;
     float dot = 0.f, ss = 0.f;
@@ -255,16 +277,18 @@ __device__ __forceinline__ void finish_block(const Fp8GemvArgs& a, const float (
   }
 }
 
-// The lane's streams for block blockIdx.x (see Layout above).
-template <typename T, bool kSiluMul, bool kHi>
+// The lane's streams for block blockIdx.x of kTiles x 8 weight rows (see Layout above); `weights` is tile 0's row,
+// tile j's is j * tile_offset bytes further (clamped to the last row).
+template <typename T, bool kSiluMul, bool kHi, int kTiles = 1>
 __device__ __forceinline__ LaneStreams<T, kSiluMul, kHi> lane_streams(const Fp8GemvArgs& a) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int k_dim = static_cast<int>(a.k_dim);
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTiles * kRowsPerBlock;
   const T* x = static_cast<const T*>(a.x);
   LaneStreams<T, kSiluMul, kHi> streams;
   // rows past N (the last block) read row N - 1 and are not written
   streams.weights = a.q + min(row0 + g, a.n_dim - 1) * a.k_dim + t * kLaneColumns;
+  streams.tile_offset = kTiles > 1 ? (min(row0 + kRowsPerBlock + g, a.n_dim - 1) - min(row0 + g, a.n_dim - 1)) * a.k_dim : 0;
   if constexpr (kSiluMul) {
     streams.lo = x + 2 * lane;
     streams.hi = x + a.k_dim + 2 * lane;
@@ -302,7 +326,7 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_fp8_kernel(const Fp8GemvA
   };
   // C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1] (input row, weight row of the block), in two accumulators
   // (even and odd chunks of a batch) so that an mma waits on the one before the last, not the last
-  float acc[2][4] = {};
+  float acc[1][2][4] = {};
   float sq[2] = {};  // sums of squares of input rows g and g + 8 over this lane's columns
   load_weights(warp * kDepth);
   for (int c0 = warp * kDepth; c0 < chunks; c0 += stride) {
@@ -316,10 +340,10 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_fp8_kernel(const Fp8GemvA
 #pragma unroll
     for (int u = 0; u < kDepth; ++u) {
       if (c0 + u >= chunks) break;  // uniform over the warp
-      sum_chunk<T, kSiluMul, kNorm, kHi>(w[u], in[u], lane, acc[u & 1], sq);
+      sum_chunk<T, kSiluMul, kNorm, kHi>(w[u], in[u], lane, acc[0][u & 1], sq);
     }
   }
-  finish_block<T, kNorm, kHi>(a, acc, sq);
+  finish_block<T, kNorm, kHi, 1>(a, acc, sq);
 }
 
 // cp.async: 16 bytes from global to shared memory without passing through registers, marked evict-first in L2
@@ -359,27 +383,34 @@ __device__ __forceinline__ void wait_async(int pending) {
 // reads are contiguous (no bank conflicts). The inputs go through L1 as in the register path (__ldg, requested at
 // the top of the batch, before the wait): the blocks on an SM read the same columns of x at about the same time.
 // (Copying the inputs through the ring as well, L2 only, made the chain 1.8x slower at 1 row and 4.7x at 8.)
-template <typename T, bool kSiluMul, bool kNorm, bool kHi, int kDepth>
+// kTiles: tiles of 8 weight rows per block, each chunk's A fragments (the inputs) used for all of them, so the
+// inputs read from L1 per weight byte fall by kTiles (with 16 input rows they are 4x the weight bytes at one tile).
+// A row's products, their order and so its bits do not depend on kTiles.
+template <typename T, bool kSiluMul, bool kNorm, bool kHi, int kDepth, int kTiles>
 __global__ void __launch_bounds__(kMaxSplit * 32) gemv_fp8_ring_kernel(const Fp8GemvArgs a, int stages) {
   static_assert(!(kSiluMul && (kNorm || kHi)), "the fused activation is for one row without the norm");
   using Streams = LaneStreams<T, kSiluMul, kHi>;
   extern __shared__ uint4 ring[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, threads = blockDim.x;
-  const Streams s = lane_streams<T, kSiluMul, kHi>(a);
+  const Streams s = lane_streams<T, kSiluMul, kHi, kTiles>(a);
   const int chunks = s.chunks, stride = (threads >> 5) * kDepth;
   const uint64_t policy = evict_first_policy();
-  auto slot = [&](int stage, int u) -> uint4* { return ring + (stage * kDepth + u) * threads + threadIdx.x; };
+  auto slot = [&](int stage, int u, int j) -> uint4* {
+    return ring + ((stage * kDepth + u) * kTiles + j) * threads + threadIdx.x;
+  };
   auto fill = [&](int c0, int stage) {  // batch c0's weights into `stage`, one commit group (empty past the end)
 #pragma unroll
     for (int u = 0; u < kDepth; ++u) {
       const int c = c0 + u, off = c * kChunk;
       if (c >= chunks) break;
       const bool ok = off + s.weight_column < s.k_dim;
-      copy_async16(slot(stage, u), ok ? s.weights + off : s.weights, ok, policy);
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j)
+        copy_async16(slot(stage, u, j), s.weights + j * s.tile_offset + (ok ? off : 0), ok, policy);
     }
     commit_async();
   };
-  float acc[2][4] = {};
+  float acc[kTiles][2][4] = {};
   float sq[2] = {};
   const int first = warp * kDepth;
   for (int i = 0; i < stages; ++i) fill(first + i * stride, i);
@@ -392,13 +423,16 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_fp8_ring_kernel(const Fp8
 #pragma unroll
     for (int u = 0; u < kDepth; ++u) {
       if (c0 + u >= chunks) break;  // uniform over the warp
-      sum_chunk<T, kSiluMul, kNorm, kHi>(*slot(stage, u), in[u], lane, acc[u & 1], sq);
+      uint32_t lo[8], hi[8] = {};
+      chunk_inputs<T, kSiluMul, kNorm, kHi>(in[u], lane, lo, hi, sq);
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j) chunk_mma<T>(*slot(stage, u, j), lo, hi, acc[j][u & 1]);
     }
     fill(c0 + stages * stride, stage);
     stage = stage + 1 == stages ? 0 : stage + 1;
   }
   wait_async(0);  // nothing may land in shared memory after the block ends
-  finish_block<T, kNorm, kHi>(a, acc, sq);
+  finish_block<T, kNorm, kHi, kTiles>(a, acc, sq);
 }
 
 // One block per row: amax, the row's scale amax / 448 (1 for an all-zero row), then e4m3(x / scale) with
@@ -454,36 +488,44 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const T* _
   }
 }
 
-// How a call runs: warps per block and chunks per warp and batch (the lab's knobs; the defaults above).
+// How a call runs: warps per block, chunks per warp and batch, batches in flight, tiles of 8 weight rows per
+// block (the lab's knobs; the defaults above).
 struct Fp8GemvShape {
-  int split, depth, stages;
+  int split, depth, stages, tiles;
 };
 
-template <typename T, bool kSiluMul, bool kNorm, bool kHi, int kDepth>
-void launch_depth(const Fp8GemvArgs& a, Fp8GemvShape shape, int blocks, cudaStream_t stream) {
+template <typename T, bool kSiluMul, bool kNorm, bool kHi, int kDepth, int kTiles>
+void launch_ring(const Fp8GemvArgs& a, Fp8GemvShape shape, cudaStream_t stream) {
+  const int64_t blocks = (a.n_dim + kTiles * kRowsPerBlock - 1) / (kTiles * kRowsPerBlock);
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "gemv_fp8: weight has too many rows");
   const int threads = shape.split * 32;
-  if (shape.stages == 1) {
-    gemv_fp8_kernel<T, kSiluMul, kNorm, kHi, kDepth><<<blocks, threads, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  const auto kernel = gemv_fp8_ring_kernel<T, kSiluMul, kNorm, kHi, kDepth>;
-  const size_t ring_bytes = static_cast<size_t>(shape.stages) * kDepth * threads * sizeof(uint4);
-  // at most 8 stages x 4 chunks x 256 threads x 16 B = 128 KiB, within the 227 KiB a Hopper block may take
+  const auto kernel = gemv_fp8_ring_kernel<T, kSiluMul, kNorm, kHi, kDepth, kTiles>;
+  const size_t ring_bytes = static_cast<size_t>(shape.stages) * kDepth * kTiles * threads * sizeof(uint4);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(ring_bytes)));
-  kernel<<<blocks, threads, ring_bytes, stream>>>(a, shape.stages);
+  kernel<<<static_cast<int>(blocks), threads, ring_bytes, stream>>>(a, shape.stages);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool kSiluMul, bool kNorm, bool kHi, int kDepth>
+void launch_depth(const Fp8GemvArgs& a, Fp8GemvShape shape, cudaStream_t stream) {
+  if (shape.stages > 1) {
+    if constexpr (kDepth <= 2) {
+      if (shape.tiles == 2) return launch_ring<T, kSiluMul, kNorm, kHi, kDepth, 2>(a, shape, stream);
+    }
+    return launch_ring<T, kSiluMul, kNorm, kHi, kDepth, 1>(a, shape, stream);
+  }
+  const int64_t blocks = (a.n_dim + kRowsPerBlock - 1) / kRowsPerBlock;
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "gemv_fp8: weight has too many rows");
+  gemv_fp8_kernel<T, kSiluMul, kNorm, kHi, kDepth><<<static_cast<int>(blocks), shape.split * 32, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, bool kSiluMul, bool kNorm, bool kHi>
 void launch_gemv_fp8(const Fp8GemvArgs& a, Fp8GemvShape shape, cudaStream_t stream) {
-  const int64_t blocks = (a.n_dim + kRowsPerBlock - 1) / kRowsPerBlock;
-  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "gemv_fp8: weight has too many rows");
-  const int b = static_cast<int>(blocks);
-  if (shape.depth == 1) return launch_depth<T, kSiluMul, kNorm, kHi, 1>(a, shape, b, stream);
-  if (shape.depth == 2) return launch_depth<T, kSiluMul, kNorm, kHi, 2>(a, shape, b, stream);
-  launch_depth<T, kSiluMul, kNorm, kHi, 4>(a, shape, b, stream);  // 4, checked on entry
+  if (shape.depth == 1) return launch_depth<T, kSiluMul, kNorm, kHi, 1>(a, shape, stream);
+  if (shape.depth == 2) return launch_depth<T, kSiluMul, kNorm, kHi, 2>(a, shape, stream);
+  launch_depth<T, kSiluMul, kNorm, kHi, 4>(a, shape, stream);  // 4, checked on entry
 }
 
 template <typename T>
@@ -515,7 +557,7 @@ bool gemv_fp8_supported(const torch::Tensor& x, const torch::Tensor& q, const to
 
 void gemv_fp8_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, double rms_eps,
                    bool silu_mul, const c10::optional<torch::Tensor>& residual, const torch::Tensor& out,
-                   int64_t split, int64_t depth, int64_t stages) {
+                   int64_t split, int64_t depth, int64_t stages, int64_t tiles) {
   // Literal messages only: in this build a failing TORCH_CHECK whose message is formatted in a .cu file (c10::str
   // building a std::string here) crashed the process instead of raising (measured on the H100 with gemv's own
   // check, 2026-11-23); a literal message is passed to libtorch as it is.
@@ -530,6 +572,7 @@ void gemv_fp8_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::
   TORCH_CHECK(split >= 0 && split <= kMaxSplit, "gemv_fp8: split must be 0 (the default) to 8");
   TORCH_CHECK(depth == 0 || depth == 1 || depth == 2 || depth == 4, "gemv_fp8: depth must be 0 (the default), 1, 2 or 4");
   TORCH_CHECK(stages >= 0 && stages <= kMaxStages, "gemv_fp8: stages must be 0 (the default) to 8");
+  TORCH_CHECK(tiles >= 0 && tiles <= 2, "gemv_fp8: tiles must be 0 (the default), 1 or 2");
   gemv::check_rows_tensor(out, x, rows, n_dim);
   TORCH_CHECK(!gemv::overlaps(out, x) && !gemv::overlaps(out, q) && !gemv::overlaps(out, scale),
               "gemv_fp8: out must not overlap x, q or scale");
@@ -550,9 +593,14 @@ void gemv_fp8_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::
     args.x = act.data_ptr();
     silu_mul = false;
   }
-  const Fp8GemvShape shape{split != 0 ? static_cast<int>(split) : kDefaultSplit,
-                           depth != 0 ? static_cast<int>(depth) : kDefaultDepth,
-                           stages != 0 ? static_cast<int>(stages) : kDefaultStages};
+  Fp8GemvShape shape{split != 0 ? static_cast<int>(split) : kDefaultSplit,
+                     depth != 0 ? static_cast<int>(depth) : kDefaultDepth,
+                     stages != 0 ? static_cast<int>(stages) : kDefaultStages,
+                     tiles != 0 ? static_cast<int>(tiles) : rows > kRowsPerBlock ? kDefaultTilesPast8Rows : 1};
+  // 2 tiles take the ring with 1 or 2 chunks per batch. The ring's slots then take at most 8 stages x 2 chunks x
+  // 2 tiles (or 4 chunks x 1 tile) x 256 threads x 16 B = 128 KiB, within the 227 KiB a Hopper block may take.
+  TORCH_CHECK(shape.tiles == 1 || (shape.stages > 1 && shape.depth <= 2),
+              "gemv_fp8: 2 tiles need the ring (stages >= 2) and depth 1 or 2");
   if (half) dispatch_gemv_fp8<__half>(args, silu_mul, shape, stream);
   else dispatch_gemv_fp8<__nv_bfloat16>(args, silu_mul, shape, stream);
 }

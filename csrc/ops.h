@@ -71,12 +71,12 @@ void gemv_cuda(const torch::Tensor& x, const torch::Tensor& weight, double rms_e
 // row b bit-identical whatever B is. gemv_fp8_supported: x a contiguous fp16/bf16 [B, K] or [B, 2K] with
 // 1 <= B <= 16, q contiguous [N, K] and scale contiguous [N] on x's device, K % 16 == 0, K < 2^30, x and q
 // 16-byte aligned. split (warps per block sharing its 8 weight rows, 1..8), depth (chunks per warp and batch:
-// 1, 2, 4) and stages (batches in flight per warp: 1 in registers, 2..8 through a cp.async ring in shared memory):
-// 0 = the measured defaults; other values for the lab.
+// 1, 2, 4), stages (batches in flight per warp: 1 in registers, 2..8 through a cp.async ring in shared memory) and
+// tiles (of 8 weight rows per block, 1 or 2): 0 = the measured defaults; other values for the lab.
 bool gemv_fp8_supported(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale);
 void gemv_fp8_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, double rms_eps,
                    bool silu_mul, const c10::optional<torch::Tensor>& residual, const torch::Tensor& out,
-                   int64_t split, int64_t depth, int64_t stages);
+                   int64_t split, int64_t depth, int64_t stages, int64_t tiles);
 // Per-token e4m3 activations for the fp8 GEMMs: x [S, K] fp16/bf16 -> q [S, K] float8_e4m3fn and scale [S]
 // float32, bit for bit hjcg.fp8.quantize_rows (scale = amax / 448, or 1 for a zero row; q = e4m3(x / scale)).
 void quantize_rows_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale);

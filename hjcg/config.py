@@ -25,6 +25,11 @@ WEIGHTS = ("dtype", "fp8")
 # place where it is faster than every longer one and serves enough lengths. Each graph holds ~0.15 MiB per
 # bucket token (Llama-2-7B): this set ~0.65 GiB.
 DEFAULT_PREFILL_BUCKETS = (48, 96, 128, 176, 208, 256, 288, 304, 336, 368, 384, 400, 432, 480, 512)
+# With fp8 weights, prompts of up to 16 tokens run the fp8 GEMV (hjcg.fused_ops.FP8_GEMV_MAX_ROWS) rather than the
+# fp8 GEMM that a 48-token bucket runs: the 32 layers' products at Llama-2-7B shapes take 3.39 ms for 16 rows
+# (bench/results/2026-11-23-h100-fp8-tiles-lab) against 3.95-4.0 ms through torch._scaled_mm at 10-48 tokens
+# (bench/results/2026-11-23-h100-fp8-lab).
+FP8_PREFILL_BUCKETS = (16, *DEFAULT_PREFILL_BUCKETS)
 DEFAULT_GRAPH_CACHE_ENTRIES = 24  # the default buckets and a decode graph per batch bucket (1, 2, 4, ..., 32)
 
 
@@ -39,7 +44,7 @@ class EngineConfig:
     max_prompt_tokens: int = 3072
     max_new_tokens: int = 1024
     default_max_new_tokens: int = 256
-    prefill_buckets: tuple[int, ...] = DEFAULT_PREFILL_BUCKETS
+    prefill_buckets: tuple[int, ...] | None = None  # None: FP8_PREFILL_BUCKETS with fp8 weights, else the default
     graph_cache_max_entries: int = DEFAULT_GRAPH_CACHE_ENTRIES
     graph_cache_max_bytes: int = 1 << 30
     max_batch: int = 32               # streams decoded together at most (decode graphs per batch bucket up to it)
@@ -89,6 +94,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.kv_cache_gib < 0 or not 0 < self.kv_cache_fraction <= 0.95:
             raise ValueError("kv_cache_gib must be >= 0 and kv_cache_fraction in (0, 0.95]")
+        if self.prefill_buckets is None:
+            self.prefill_buckets = FP8_PREFILL_BUCKETS if self.weights == "fp8" else DEFAULT_PREFILL_BUCKETS
         buckets = tuple(sorted(set(int(b) for b in self.prefill_buckets)))
         if not buckets or buckets[0] < 1:
             raise ValueError("prefill_buckets must be positive lengths")

@@ -218,3 +218,13 @@ def test_fp8_engine_reports_its_weights(engine, fp8_engine):
 def test_config_names_the_allowed_weight_formats():
     with pytest.raises(ValueError, match=r"weights must be one of \('dtype', 'fp8'\).*got 'int4'"):
         EngineConfig(device="cpu", weights="int4")
+
+
+def test_fp8_weights_add_a_16_token_prefill_bucket_that_the_fp8_gemv_serves():
+    from hjcg.config import DEFAULT_PREFILL_BUCKETS
+    from hjcg.fused_ops import FP8_GEMV_MAX_ROWS
+
+    fp8_buckets = EngineConfig(device="cpu", weights="fp8").prefill_buckets
+    assert fp8_buckets == (16, *DEFAULT_PREFILL_BUCKETS) and fp8_buckets[0] <= FP8_GEMV_MAX_ROWS
+    assert EngineConfig(device="cpu").prefill_buckets == DEFAULT_PREFILL_BUCKETS
+    assert EngineConfig(device="cpu", weights="fp8", prefill_buckets=(64, 32)).prefill_buckets == (32, 64)

@@ -31,10 +31,10 @@ def random_fp8_weight(n: int, k: int, dtype: torch.dtype) -> fp8.Fp8Weight:
     return fp8.quantize_weight((torch.randn(n, k, device="cuda") * magnitudes * k ** -0.5).to(dtype))
 
 
-def gemv(x, w, rms_eps, silu_mul, residual, n, split=0, depth=0, stages=0):
+def gemv(x, w, rms_eps, silu_mul, residual, n, split=0, depth=0, stages=0, tiles=0):
     """The fp8 GEMV into `residual` (in place) where given, else into a NaN-poisoned out."""
     out = residual if residual is not None else torch.full((len(x), n), float("nan"), device="cuda", dtype=x.dtype)
-    _C.gemv_fp8(x, w.q, w.scale, rms_eps, silu_mul, residual, out, split, depth, stages)
+    _C.gemv_fp8(x, w.q, w.scale, rms_eps, silu_mul, residual, out, split, depth, stages, tiles)
     return out
 
 
@@ -76,12 +76,14 @@ def test_gemv_fp8_with_each_fusion_matches_reference(dtype, k, n, rows):
             assert torch.equal(alone[0], batch[b]), (b, rms_eps, silu_mul)
 
 
-@pytest.mark.parametrize("split,depth,stages", [(1, 2, 1), (2, 4, 1), (3, 4, 1), (8, 2, 1), (5, 2, 1), (8, 1, 1),
-                                                (8, 2, 4), (4, 1, 8), (8, 1, 2), (3, 4, 3), (5, 2, 6)])
+@pytest.mark.parametrize("split,depth,stages,tiles", [(1, 2, 1, 1), (2, 4, 1, 1), (3, 4, 1, 1), (8, 2, 1, 1),
+                                                      (5, 2, 1, 1), (8, 1, 1, 1), (8, 2, 4, 1), (4, 1, 8, 1),
+                                                      (8, 1, 2, 1), (3, 4, 3, 1), (5, 2, 6, 1), (8, 2, 2, 2),
+                                                      (4, 1, 8, 2), (5, 2, 3, 2), (8, 2, 8, 2)])
 @pytest.mark.parametrize("rows", [1, 4, 12])
-def test_gemv_fp8_any_launch_shape_matches_the_default(split, depth, stages, rows):
-    # the lab's knobs, warps per block sharing its rows, chunks per batch and batches in flight (in registers or
-    # through the cp.async ring): each sums the same products in its own order
+def test_gemv_fp8_any_launch_shape_matches_the_default(split, depth, stages, tiles, rows):
+    # the lab's knobs, warps per block sharing its rows, chunks per batch, batches in flight (in registers or
+    # through the cp.async ring) and tiles of 8 weight rows per block: each sums the same products in its own order
     k, n = 11008 + 16, 4096 + 5  # K past whole chunks, N past whole blocks
     w = random_fp8_weight(n, k, torch.float16)
     x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
@@ -89,7 +91,7 @@ def test_gemv_fp8_any_launch_shape_matches_the_default(split, depth, stages, row
     residual = torch.randn(rows, n, device="cuda", dtype=torch.float16)
     for inp, rms_eps, silu_mul, res in ((x, EPS, False, None), (gate_up, -1.0, True, residual)):
         expected = gemv(inp, w, rms_eps, silu_mul, None if res is None else res.clone(), n)
-        got = gemv(inp, w, rms_eps, silu_mul, None if res is None else res.clone(), n, split, depth, stages)
+        got = gemv(inp, w, rms_eps, silu_mul, None if res is None else res.clone(), n, split, depth, stages, tiles)
         close_rows(got, expected, 1e-3)
 
 
@@ -107,6 +109,12 @@ def test_gemv_fp8_rejects_what_it_cannot_take():
         _C.gemv_fp8(x, w.q, w.scale, -1.0, False, None, out, 0, 3)
     with pytest.raises(RuntimeError, match="stages must be"):
         _C.gemv_fp8(x, w.q, w.scale, -1.0, False, None, out, 0, 0, 9)
+    with pytest.raises(RuntimeError, match="tiles must be"):
+        _C.gemv_fp8(x, w.q, w.scale, -1.0, False, None, out, 0, 0, 0, 3)
+    with pytest.raises(RuntimeError, match="2 tiles need the ring"):
+        _C.gemv_fp8(x, w.q, w.scale, -1.0, False, None, out, 8, 2, 1, 2)
+    with pytest.raises(RuntimeError, match="2 tiles need the ring"):
+        _C.gemv_fp8(x, w.q, w.scale, -1.0, False, None, out, 8, 4, 2, 2)
     with pytest.raises(RuntimeError, match="norm and silu_mul"):
         _C.gemv_fp8(torch.randn(2, 8192, device="cuda", dtype=torch.float16), w.q, w.scale, EPS, True, None, out)
     with pytest.raises(RuntimeError, match="overlap"):

@@ -30,13 +30,13 @@ from hjcg import _C
 from hjcg.fp8 import Fp8Weight, quantize_weight
 from hjcg.fused_ops import FP8_GEMV_MAX_ROWS, FusedCudaOps
 
-ROWS = (1, 2, 4, 8, 16)
+ROWS = (1, 2, 4, 8, 10, 16)
 FP16_ROWS = (1, 2, 4, 8)  # the fp16 GEMV's limit
 # the kernel's launch shapes swept, (warps per block, chunks per warp and batch, batches in flight: 1 in registers,
-# more through the cp.async ring); (0, 0, 0): its defaults
-SHAPES_SWEPT = [(0, 0, 0), (8, 2, 1), (4, 2, 1), (8, 2, 2), (8, 2, 3), (8, 2, 4), (8, 2, 6), (8, 1, 4), (8, 1, 8),
-                (4, 2, 4), (4, 2, 8), (4, 4, 2), (4, 4, 4), (8, 4, 2), (8, 4, 3)]
-SWEEP_ROWS = (1, 8, 16)
+# more through the cp.async ring, tiles of 8 weight rows per block); (0, 0, 0, 0): its defaults
+SHAPES_SWEPT = [(0, 0, 0, 0), (8, 2, 1, 1), (8, 2, 2, 1), (8, 2, 2, 2), (8, 1, 2, 2), (8, 1, 4, 2), (8, 2, 3, 2),
+                (4, 2, 2, 2), (4, 2, 4, 2), (8, 4, 2, 1)]
+SWEEP_ROWS = (1, 8, 10, 16)
 SHAPE_ROWS = (1, 8, 16)
 PROMPT_TOKENS = (10, 16, 48, 100, 128, 500, 512)  # 48 and 512: the smallest and largest prefill buckets
 PROMPT_OPTIONS = ("fp16_cublas", "fp8_scaled_mm", "fp8_scaled_mm_fast", "fp8_dequant", "fp8_gemv")
@@ -57,13 +57,13 @@ CALLS = {"qkv": ("x", "qkv", EPS, False, False), "o": ("attn", "x", -1.0, False,
          "lm_head": ("x", "logits", EPS, False, False)}
 
 
-def call(shape: str, w: Fp8Weight, b: Buffers, launch: tuple[int, int, int] = (0, 0, 0)) -> None:
+def call(shape: str, w: Fp8Weight, b: Buffers, launch: tuple[int, int, int, int] = (0, 0, 0, 0)) -> None:
     inp, out, rms_eps, silu_mul, residual = CALLS[shape]
     dst = getattr(b, out)
     _C.gemv_fp8(getattr(b, inp), w.q, w.scale, rms_eps, silu_mul, dst if residual else None, dst, *launch)
 
 
-def fp8_chain(w: Fp8Weights, b: Buffers, launch: tuple[int, int, int]) -> None:
+def fp8_chain(w: Fp8Weights, b: Buffers, launch: tuple[int, int, int, int]) -> None:
     b.x.copy_(b.x0)
     for layer in w.layers:
         for shape in SHAPES:
@@ -102,13 +102,13 @@ def decode_chains(w16: Weights, w8: Fp8Weights, inputs: dict[str, torch.Tensor],
             s = replay_s(graph)
             result["chain"].append({"impl": "fp8_gemv", "launch": launch, "rows": rows, "ms": s * 1e3,
                                     "tb_s": w8.bytes / s / 1e12})
-            print(f"chain  rows {rows:2d}  fp8 (split, depth, stages) {launch}  {s * 1e3:7.3f} ms  "
+            print(f"chain  rows {rows:2d}  fp8 (split, depth, stages, tiles) {launch}  {s * 1e3:7.3f} ms  "
                   f"{w8.bytes / s / 1e12:5.2f} TB/s", flush=True)
             del graph
         if rows in FP16_ROWS:
             graph = graph_of(lambda: gemv_chain(w16, b))
             s = replay_s(graph)
-            result["chain"].append({"impl": "fp16_gemv", "launch": (0, 0, 0), "rows": rows, "ms": s * 1e3,
+            result["chain"].append({"impl": "fp16_gemv", "launch": (0, 0, 0, 0), "rows": rows, "ms": s * 1e3,
                                     "tb_s": w16.bytes / s / 1e12})
             print(f"chain  rows {rows:2d}  fp16 gemv     {s * 1e3:7.3f} ms  {w16.bytes / s / 1e12:5.2f} TB/s", flush=True)
             del graph
@@ -211,15 +211,15 @@ def print_tables(result: dict) -> None:
     wb = result["weight_bytes"]
     print(f"\nLlama-2-7B decode GEMV chain: fp8 {wb['fp8'] / 1e9:.2f} GB, fp16 {wb['fp16'] / 1e9:.2f} GB; "
           f"device copy rate {result['copy_tb_s']:.2f} TB/s")
-    print(f"{'rows':>4} | {'fp8 default':>16} | {'fp8 best (split, depth, stages)':>31} | {'fp16 GEMV':>16}")
+    print(f"{'rows':>4} | {'fp8 default':>16} | {'fp8 best (split, depth, stages, tiles)':>31} | {'fp16 GEMV':>16}")
     for rows in ROWS:
         default = chain[("fp8_gemv", SHAPES_SWEPT[0], rows)]
         best = min((r for r in result["chain"] if r["impl"] == "fp8_gemv" and r["rows"] == rows and "ms" in r),
                    key=lambda r: r["ms"])
-        f16 = chain.get(("fp16_gemv", (0, 0, 0), rows))
+        f16 = chain.get(("fp16_gemv", (0, 0, 0, 0), rows))
         print(f"{rows:>4} | {default['ms']:7.3f} ms {default['tb_s']:4.2f} | {best['ms']:7.3f} ms {best['tb_s']:4.2f} "
               f"{str(tuple(best['launch'])):>14} | " + (f"{f16['ms']:7.3f} ms {f16['tb_s']:4.2f}" if f16 else "-"))
-    print("\nfp8 chain ms by (split, depth, stages), rows " + ", ".join(map(str, SWEEP_ROWS)) + ":")
+    print("\nfp8 chain ms by (split, depth, stages, tiles), rows " + ", ".join(map(str, SWEEP_ROWS)) + ":")
     for launch in SHAPES_SWEPT[1:]:
         cells = (chain.get(("fp8_gemv", launch, rows), {}).get("ms") for rows in SWEEP_ROWS)
         print(f"  {str(launch):>12}: " + "  ".join("      -" if ms is None else f"{ms:7.3f}" for ms in cells))
