@@ -17,9 +17,10 @@
 // are zeros), B = 8 weight rows (n), C = fp32. One mma covers 8 weight rows x 16 columns for every input row,
 // so the work per byte hardly depends on B and 16 rows stream about as fast as 1.
 //
-// Layout. A block takes 8 weight rows; its `split` warps (kDefaultSplit) share them, each summing batches of
-// kDepth 64-column chunks in turn, and the block adds the warps' partial sums through shared memory at the end (a
-// block of N/8 rows alone would leave too few warps, and bytes in flight, for 4096-row matrices). In a chunk,
+// Layout. A block takes 8 weight rows (16, two tiles, past 8 input rows: see gemv_fp8_ring_kernel); its `split`
+// warps (kDefaultSplit) share them, each summing batches of kDepth 64-column chunks in turn, and the block adds
+// the warps' partial sums through shared memory at the end (a warp per 8 rows alone would leave too few warps,
+// and bytes in flight, for 4096-row matrices). In a chunk,
 // lane (g, t) = (lane / 4, lane % 4) loads 16 bytes (16 weights) of weight row g at columns 16t..16t+15 and the
 // same 16 columns of input rows g and g + 8: mma j (0..3) takes its columns 16t+4j..16t+4j+3 as the fragment
 // slots (2t, 2t+1, 2t+8, 2t+9) that PTX assigns the lane in A and in B, so both operands agree on which slot is

@@ -70,7 +70,7 @@ void gemv_cuda(const torch::Tensor& x, const torch::Tensor& weight, double rms_e
 // float32), for B = 1..16 rows: out = residual + s * (x' @ q.T) * scale, fp32 accumulation on tensor cores,
 // row b bit-identical whatever B is. gemv_fp8_supported: x a contiguous fp16/bf16 [B, K] or [B, 2K] with
 // 1 <= B <= 16, q contiguous [N, K] and scale contiguous [N] on x's device, K % 16 == 0, K < 2^30, x and q
-// 16-byte aligned. split (warps per block sharing its 8 weight rows, 1..8), depth (chunks per warp and batch:
+// 16-byte aligned. split (warps per block sharing its weight rows, 1..8), depth (chunks per warp and batch:
 // 1, 2, 4), stages (batches in flight per warp: 1 in registers, 2..8 through a cp.async ring in shared memory) and
 // tiles (of 8 weight rows per block, 1 or 2): 0 = the measured defaults; other values for the lab.
 bool gemv_fp8_supported(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale);
