@@ -289,7 +289,8 @@ __device__ __forceinline__ LaneStreams<T, kSiluMul, kHi> lane_streams(const Fp8G
   LaneStreams<T, kSiluMul, kHi> streams;
   // rows past N (the last block) read row N - 1 and are not written
   streams.weights = a.q + min(row0 + g, a.n_dim - 1) * a.k_dim + t * kLaneColumns;
-  streams.tile_offset = kTiles > 1 ? (min(row0 + kRowsPerBlock + g, a.n_dim - 1) - min(row0 + g, a.n_dim - 1)) * a.k_dim : 0;
+  const int64_t tile1_row = min(row0 + kRowsPerBlock + g, a.n_dim - 1);
+  streams.tile_offset = kTiles > 1 ? (tile1_row - min(row0 + g, a.n_dim - 1)) * a.k_dim : 0;
   if constexpr (kSiluMul) {
     streams.lo = x + 2 * lane;
     streams.hi = x + a.k_dim + 2 * lane;
@@ -571,7 +572,8 @@ void gemv_fp8_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::
               "gemv_fp8: x must be [B, K] (K = q's columns), or [B, 2K] = [gate, up] with silu_mul");
   TORCH_CHECK(!(silu_mul && rms_eps >= 0), "gemv_fp8: the norm and silu_mul do not combine");
   TORCH_CHECK(split >= 0 && split <= kMaxSplit, "gemv_fp8: split must be 0 (the default) to 8");
-  TORCH_CHECK(depth == 0 || depth == 1 || depth == 2 || depth == 4, "gemv_fp8: depth must be 0 (the default), 1, 2 or 4");
+  TORCH_CHECK(depth == 0 || depth == 1 || depth == 2 || depth == 4,
+              "gemv_fp8: depth must be 0 (the default), 1, 2 or 4");
   TORCH_CHECK(stages >= 0 && stages <= kMaxStages, "gemv_fp8: stages must be 0 (the default) to 8");
   TORCH_CHECK(tiles >= 0 && tiles <= 2, "gemv_fp8: tiles must be 0 (the default), 1 or 2");
   gemv::check_rows_tensor(out, x, rows, n_dim);
