@@ -34,6 +34,14 @@ class Metrics:
         self.graph_evictions = Gauge("hjcg_graph_cache_evictions", "CUDA graphs evicted", registry=r)
         self.graph_bytes = Gauge("hjcg_graph_cache_bytes", "GPU memory held by cached CUDA graphs", registry=r)
 
+    def job_finished(self, finish, total_ms: float, queue_ms: float) -> None:
+        """A generation job's end (a hjcg.engine.Finish), counted the same way for gRPC and HTTP requests."""
+        self.e2e.observe(total_ms / 1e3)
+        self.queue_time.observe(queue_ms / 1e3)
+        self.prompt_tokens.inc(finish.prompt_tokens)
+        self.generation_tokens.inc(finish.completion_tokens)
+        self.finished.labels(finished_reason=finish.reason).inc()
+
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)
 

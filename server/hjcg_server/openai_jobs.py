@@ -61,12 +61,7 @@ class HttpJob:
         if finish is not None:
             self.finish, self.queue_ms = finish, job.queue_ms
             self.total_ms = (time.perf_counter() - job.received) * 1e3
-            m = self.metrics
-            m.e2e.observe(self.total_ms / 1e3)
-            m.queue_time.observe(self.queue_ms / 1e3)
-            m.prompt_tokens.inc(finish.prompt_tokens)
-            m.generation_tokens.inc(finish.completion_tokens)
-            m.finished.labels(finished_reason=finish.reason).inc()
+            self.metrics.job_finished(finish, self.total_ms, self.queue_ms)
         self._one_end(job)
 
     def http_ended(self, job: Job, status: int) -> None:

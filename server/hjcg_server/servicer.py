@@ -229,12 +229,7 @@ class HjcgServicer(pb_grpc.HjcgServicer):
         if finish is not None:
             usage = job.rpc.usage = self._usage(job, finish)
             job.rpc.reason = finish.reason
-            m = self.metrics
-            m.e2e.observe(usage.total_ms / 1e3)
-            m.queue_time.observe(usage.queue_ms / 1e3)
-            m.prompt_tokens.inc(finish.prompt_tokens)
-            m.generation_tokens.inc(finish.completion_tokens)
-            m.finished.labels(finished_reason=finish.reason).inc()
+            self.metrics.job_finished(finish, usage.total_ms, usage.queue_ms)
         self._one_end(job)
 
     def _one_end(self, job: Job) -> None:
