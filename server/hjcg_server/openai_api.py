@@ -5,7 +5,6 @@ metrics, limits and bearer token); the built-in page (hjcg_server.web_page) inst
 """
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
@@ -24,6 +23,7 @@ from hjcg_server.openai_jobs import CLIENT_GONE, ClientGone, Generation
 from hjcg_server.openai_responses import (ChatResponder, Choice, CompletionResponder, Responder, TokenText,
                                           usage)
 from hjcg_server.openai_schema import ChatBody, CompletionBody
+from hjcg_server.security import bearer_matches
 from hjcg_server.worker import EngineWorker
 
 log = logging.getLogger("hjcg.requests")
@@ -65,8 +65,7 @@ async def require_token(request: Request) -> None:
     token = front_state(request).auth_token
     if token is None:
         return
-    given = request.headers.get("authorization", "").encode()
-    if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+    if not bearer_matches(request.headers.get("authorization", ""), token):
         raise OpenAIError(401, "a valid 'Authorization: Bearer <token>' header is required",
                           code="invalid_api_key")
 

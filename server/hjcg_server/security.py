@@ -11,20 +11,25 @@ _OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 _DENIED = "a valid 'authorization: Bearer <token>' is required"
 
 
+def bearer_matches(authorization: str, token: str) -> bool:
+    """Whether an authorization header (gRPC metadata or HTTP) is `Bearer <token>`, compared in constant time.
+    Both fronts check their callers with it."""
+    return hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode())
+
+
 class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Lets through RPCs that carry the token; answers the rest UNAUTHENTICATED and reports each one to
     on_deny(full method name, status code, message), so that refused requests are logged like the others."""
 
     def __init__(self, token: str, on_deny: Callable[[str, grpc.StatusCode, str], None] | None = None):
-        self._expected = f"Bearer {token}".encode()
+        self._token = token
         self._on_deny = on_deny
 
     def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(_OPEN_SERVICES):
             return continuation(handler_call_details)
         metadata = dict(handler_call_details.invocation_metadata or ())
-        given = str(metadata.get("authorization", "")).encode()
-        if hmac.compare_digest(given, self._expected):
+        if bearer_matches(str(metadata.get("authorization", "")), self._token):
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
         method = handler_call_details.method  # e.g. "/hjcg.v1.Hjcg/Generate"
