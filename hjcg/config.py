@@ -30,7 +30,10 @@ DEFAULT_PREFILL_BUCKETS = (48, 96, 128, 176, 208, 256, 288, 304, 336, 368, 384, 
 # (bench/results/2026-11-23-h100-fp8-tiles-lab) against 3.95-4.0 ms through torch._scaled_mm at 10-48 tokens
 # (bench/results/2026-11-23-h100-fp8-lab).
 FP8_PREFILL_BUCKETS = (16, *DEFAULT_PREFILL_BUCKETS)
-DEFAULT_GRAPH_CACHE_ENTRIES = 24  # the default buckets and a decode graph per batch bucket (1, 2, 4, ..., 32)
+# The default buckets twice (a graph for one prompt and one for prompts packed together: hjcg.packing), and per
+# batch bucket (1, 2, 4, ..., 32) a decode graph and the two halves of a constrained step.
+DEFAULT_GRAPH_CACHE_ENTRIES = 56
+DEFAULT_GRAPH_CACHE_MIB = 2048
 
 
 @dataclass(slots=True)
@@ -46,7 +49,7 @@ class EngineConfig:
     default_max_new_tokens: int = 256
     prefill_buckets: tuple[int, ...] | None = None  # None: FP8_PREFILL_BUCKETS with fp8 weights, else the default
     graph_cache_max_entries: int = DEFAULT_GRAPH_CACHE_ENTRIES
-    graph_cache_max_bytes: int = 1 << 30
+    graph_cache_max_bytes: int = DEFAULT_GRAPH_CACHE_MIB << 20
     max_batch: int = 32               # streams decoded together at most (decode graphs per batch bucket up to it)
     max_waiting: int = 64             # requests that may wait for a row; more are refused (QueueFull)
     kv_block_size: int = 16           # tokens per KV-cache block

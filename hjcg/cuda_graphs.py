@@ -30,11 +30,13 @@ import torch
 
 from hjcg.config import EngineConfig
 from hjcg.fused_ops import FusedCudaOps, paged_decode_attention as fused_decode_attention
-from hjcg.kv_cache import PagedKVCache
-from hjcg.llama import Attention, FastLlama, LayerOps, causal_self_attention, paged_decode_attention
+from hjcg.kv_cache import TRASH_BLOCK, PagedKVCache
+from hjcg.llama import Attention, FastLlama, LayerOps, causal_self_attention, packed_self_attention, paged_decode_attention
 from hjcg.model_runner import EagerRunner
 from hjcg.native import _C
+from hjcg.packing import PackedPrompts, attention_mask
 from hjcg.torch_sampler import torch_pad
+from hjcg.upload import upload
 
 # Split-K slices per (row, head) of the decode attention: fixed for every batch bucket, so a row's result
 # does not depend on the batch it runs in.
@@ -48,6 +50,23 @@ class PrefillInputs:
     positions: torch.Tensor   # [S] int64
     last_index: torch.Tensor  # [1] int64
     seq_len: torch.Tensor     # [1] int64
+
+
+@dataclass(slots=True)
+class PackedInputs:
+    """A packed-prefill bucket's static inputs (hjcg.packing): views of one buffer, written by one copy."""
+    buffer: torch.Tensor      # [3 S + 2 R] int64: the views below, in PackedPrompts.padded's order
+    ids: torch.Tensor         # [S]
+    positions: torch.Tensor   # [S]
+    segments: torch.Tensor    # [S]
+    last_index: torch.Tensor  # [R]
+    seq_lens: torch.Tensor    # [R]
+
+    @classmethod
+    def zeros(cls, length: int, rows: int, device: torch.device) -> "PackedInputs":
+        buffer = torch.zeros(3 * length + 2 * rows, device=device, dtype=torch.int64)
+        ids, positions, segments, last, lens = buffer.split([length, length, length, rows, rows])
+        return cls(buffer, ids, positions, segments, last, lens)
 
 
 def decode_key(bucket: int) -> str:
@@ -64,6 +83,10 @@ def sample_key(bucket: int) -> str:
 
 def prefill_key(bucket: int) -> str:
     return f"prefill:{bucket}"
+
+
+def packed_key(bucket: int) -> str:
+    return f"prefill-packed:{bucket}"
 
 
 class GraphRunner(EagerRunner):
@@ -85,6 +108,12 @@ class GraphRunner(EagerRunner):
         self.row_attentions: dict[int, Attention] = {}
         self.prefill_table = torch.zeros(1, self.table_width, device=self.device, dtype=torch.int32)
         self.prefill_logits = torch.zeros(1, model.shape.vocab_size, device=self.device, dtype=torch.float32)
+        # packed prefill: a logit row per stream that may join in one step, and the joining streams' tables
+        self.packed_inputs: dict[int, PackedInputs] = {}
+        self.packed_row_attentions: dict[int, Attention] = {}
+        self.packed_tables = torch.zeros(self.max_rows, self.table_width, device=self.device, dtype=torch.int32)
+        self.packed_logits = torch.zeros(self.max_rows, model.shape.vocab_size, device=self.device,
+                                         dtype=torch.float32)
         self.pad_id = 0
         self.fallbacks = 0  # steps run eagerly because a capture failed
         if fused:
@@ -146,6 +175,42 @@ class GraphRunner(EagerRunner):
         self.prefill_table.copy_(self.tables[row:row + 1])
         self._run_graph(prefill_key(bucket), lambda: self._prefill_fn(bucket))
         return self.prefill_logits
+
+    def _packed_prefill(self, layout: PackedPrompts, first_row: int) -> torch.Tensor:
+        bucket = self.bucket_for(layout.tokens)
+        inp = self._packed(bucket)
+        inp.buffer.copy_(upload(layout.padded(bucket, self.max_rows, self.pad_id), torch.int64, self.device))
+        self.packed_tables[:layout.count].copy_(self.tables[first_row:first_row + layout.count])
+        self._run_graph(packed_key(bucket), lambda: self._packed_fn(bucket))
+        return self.packed_logits[:layout.count]
+
+    def _packed_fn(self, bucket: int) -> Callable[[], None]:
+        inp = self._packed(bucket)
+        row_attention = self._packed_row_attention(bucket)
+
+        def run() -> None:
+            attention = packed_self_attention(attention_mask(inp.segments, self.model.dtype))
+            slots = self.cache.slots_at(self.packed_tables.index_select(0, inp.segments), inp.positions)
+            logits = self.model.forward(inp.ids, inp.positions, slots, self.cache, attention, inp.last_index, self.ops,
+                                        row_attention)
+            self.packed_logits.copy_(logits)
+
+        return run
+
+    def _packed_row_attention(self, bucket: int) -> Attention | None:
+        """The last layer's logit rows: the decode kernel over each stream's blocks (see _row_attention);
+        rows past the packed prompts read one key of a stale table (harmless: their logits are dropped)."""
+        if not self.fused:
+            return None
+        if bucket not in self.packed_row_attentions:
+            self.packed_row_attentions[bucket] = fused_decode_attention(self.cache, self.packed_tables,
+                                                                        self._packed(bucket).seq_lens, ATTENTION_SPLITS)
+        return self.packed_row_attentions[bucket]
+
+    def _packed(self, bucket: int) -> PackedInputs:
+        if bucket not in self.packed_inputs:
+            self.packed_inputs[bucket] = PackedInputs.zeros(bucket, self.max_rows, self.device)
+        return self.packed_inputs[bucket]
 
     def _prefill_fn(self, bucket: int) -> Callable[[], None]:
         inp = self._inputs(bucket)
@@ -223,12 +288,28 @@ class GraphRunner(EagerRunner):
             self.prefill_table.zero_()
             report = self.graphs.capture(key, self._prefill_fn(bucket), warmup=1, pin=False)
             graphs.append(self._graph_entry("prefill", bucket, report))
+        if self.max_rows > 1:  # streams that join together prefill packed
+            for bucket in reversed(buckets):
+                graphs.append(self._warm_packed(bucket))
         torch.cuda.synchronize()
         stats = self.graphs.stats()
         failed = [g for g in graphs if g.pop("failed", False)]
         message = f"{len(failed)} captures failed (the eager path serves those)" if failed else ""
         return {"available": True, "graphs": graphs, "total_ms": (time.perf_counter() - start) * 1e3,
                 "graph_bytes": stats["bytes"], "message": message}
+
+    def _warm_packed(self, bucket: int) -> dict:
+        """Captures the packed-prefill graph of `bucket` tokens (its tables all trash: it writes only the
+        trash block)."""
+        key = packed_key(bucket)
+        if key in self.graphs:
+            return self._graph_entry("prefill-packed", bucket, None)
+        layout = PackedPrompts.of([[self.pad_id]])
+        self._packed(bucket).buffer.copy_(upload(layout.padded(bucket, self.max_rows, self.pad_id), torch.int64,
+                                                 self.device))
+        self.packed_tables.fill_(TRASH_BLOCK)
+        report = self.graphs.capture(key, self._packed_fn(bucket), warmup=1, pin=False)
+        return self._graph_entry("prefill-packed", bucket, report)
 
     @staticmethod
     def _graph_entry(phase: str, length: int, report: dict | None) -> dict:

@@ -4,9 +4,10 @@ One engine owns one model on one device. Any thread may submit() a request (or c
 one thread at a time drives step(): the server's engine thread, or generate() for in-process use.
 
 A step: arrivals join the waiting queue; waiting streams whose client left are dropped; streams that
-fit join the batch, each prefilled and its first token streamed at once; one decode step is queued for
-every running stream; the tokens of the step before it are read back and streamed (on the GPU one step
-runs ahead while the host streams the last one's tokens); finished streams leave the batch.
+fit join the batch, prefilled (those joining together packed into one forward: hjcg.packing) and their
+first tokens streamed at once; one decode step is queued for every running stream; the tokens of the step
+before it are read back and streamed (on the GPU one step runs ahead while the host streams the last one's
+tokens); finished streams leave the batch.
 
 Structured output: a step with a constrained stream runs its forward first; while the device runs it,
 the host reads the step before's tokens, advances the matchers and fills the masks, then launches the
@@ -227,8 +228,8 @@ class Engine:
         self._dequeued(len(dropped) + len(admitted))
         for seq in dropped:
             seq.finish(FINISH_CANCELLED)
-        for seq in admitted:
-            self._prefill(seq)
+        for group in self.scheduler.prefill_groups(admitted, self.runner.prefill_chunk):
+            self._prefill(group)
         self._retire()
         launched = self._launch()
         while self._pending and (len(self._pending) > self._lookahead or not launched):
@@ -244,14 +245,23 @@ class Engine:
             with self._lock:
                 self._queued -= n
 
-    def _prefill(self, seq: Sequence) -> None:
-        self.blocks.grow(seq.table, seq.prompt_len)
-        masked = seq.matcher is not None
-        if masked:
-            seq.fill_mask(self.runner.host_masks(seq.row, seq.row + 1)[0])
-        self.runner.prefill(seq.row, seq.request.prompt_ids, seq.table.blocks, seq.request.sampling, masked)
-        seq.launched = seq.prompt_len
-        seq.push(*self.runner.first_token(seq.row, seq.request.logprobs))
+    def _prefill(self, group: list[Sequence]) -> None:
+        """Prefills streams that join together (consecutive rows; packed into one forward when several) and
+        streams their first tokens."""
+        for seq in group:
+            self.blocks.grow(seq.table, seq.prompt_len)
+        first = group[0]
+        if len(group) > 1:
+            self.runner.prefill_packed(first.row, [s.request.prompt_ids for s in group], [s.table.blocks for s in group],
+                                       [s.request.sampling for s in group])
+        else:
+            masked = first.matcher is not None
+            if masked:
+                first.fill_mask(self.runner.host_masks(first.row, first.row + 1)[0])
+            self.runner.prefill(first.row, first.request.prompt_ids, first.table.blocks, first.request.sampling, masked)
+        for seq, (token, logprobs) in zip(group, self.runner.first_tokens(first.row, [s.request.logprobs for s in group])):
+            seq.launched = seq.prompt_len
+            seq.push(token, logprobs)
 
     def _launch(self) -> bool:
         """Queues one decode step for every running stream; returns whether it did."""

@@ -315,6 +315,18 @@ def causal_self_attention() -> Attention:
     return attend
 
 
+def packed_self_attention(mask: torch.Tensor) -> Attention:
+    """Prompts packed end to end (hjcg.packing): row i attends to the keys that mask [S, S] (additive, the
+    model's dtype) lets it see, i.e. its own prompt's tokens up to itself."""
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        rows_mask = mask if rows is None else mask.index_select(0, rows)
+        backends = (sdpa_kernel(SHORT_PROMPT_SDPA, set_priority=True) if q.is_cuda and q.shape[0] <= SHORT_PROMPT_TOKENS
+                    else contextlib.nullcontext())
+        with backends:
+            return _sdpa(q, k, v, rows_mask)
+    return attend
+
+
 def context_attention(cache: PagedKVCache, context_slots: torch.Tensor, positions: torch.Tensor) -> Attention:
     """A later chunk of a long prompt: row r (at positions[r]) attends to the stream's cached keys at
     positions <= its own; context_slots [T] are the slots of positions 0..T-1 (host-known lengths)."""
@@ -345,7 +357,7 @@ def paged_decode_attention(cache: PagedKVCache, tables: torch.Tensor, seq_lens: 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
           causal: bool = False) -> torch.Tensor:
-    """q [R, Hq, D] over k, v [T, Hkv, D] -> [R, Hq, D]; mask [R, T] (True: attend)."""
+    """q [R, Hq, D] over k, v [T, Hkv, D] -> [R, Hq, D]; mask [R, T] (True: attend; or additive, q's dtype)."""
     # 4-D [1, H, S, D]: with 3-D inputs SDPA takes its slow math path instead of flash attention
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                          attn_mask=None if mask is None else mask[None, None], is_causal=causal,

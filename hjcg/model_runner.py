@@ -28,7 +28,9 @@ import torch
 
 from hjcg.kv_cache import TRASH_BLOCK, PagedKVCache
 from hjcg.logprobs import TopLogprobs, rows as logprob_rows, token_logprobs
-from hjcg.llama import Attention, FastLlama, LayerOps, causal_self_attention, context_attention, paged_decode_attention
+from hjcg.llama import (Attention, FastLlama, LayerOps, causal_self_attention, context_attention, packed_self_attention,
+                        paged_decode_attention)
+from hjcg.packing import PackedPrompts, attention_mask
 from hjcg.requests import MAX_TOP_LOGPROBS
 from hjcg.row_sampler import RowSampler
 from hjcg.sampling import SamplingParams
@@ -54,6 +56,7 @@ class EagerRunner:
                  prefill_chunk: int, ops: LayerOps | None = None, kernel_sampler: bool = True):
         self.model, self.cache = model, cache
         self.ops = ops
+        self.max_rows = max_batch
         self.prefill_chunk = prefill_chunk
         self.block_size = cache.block_size
         device = model.device
@@ -78,7 +81,7 @@ class EagerRunner:
                                          pin_memory=pinned)
         self._host_top_values = torch.zeros(HOST_RING + 1, max_batch, MAX_TOP_LOGPROBS, dtype=torch.float32,
                                             pin_memory=pinned)
-        self._host_first = torch.zeros(1, dtype=torch.int64, pin_memory=pinned)
+        self._host_first = torch.zeros(max_batch, dtype=torch.int64, pin_memory=pinned)
         self._events = [torch.cuda.Event() for _ in range(HOST_RING)] if pinned else None
         self._first_copied = torch.cuda.Event() if pinned else None
         self._launches = 0
@@ -152,17 +155,59 @@ class EagerRunner:
         last = upload([end - start - 1], torch.int64, self.device)
         return self.model.forward(ids[start:end], positions, slots, self.cache, attention, last, self.ops)
 
+    @torch.inference_mode()
+    def prefill_packed(self, first_row: int, prompts: list[list[int]], blocks: list[list[int]],
+                       params: list[SamplingParams]) -> None:
+        """prefill() for K streams joining together, rows [first_row, first_row + K), in one forward over their
+        prompts packed end to end (hjcg.packing); read their first tokens with first_tokens(). Each prompt
+        fits one chunk, and all of them together the largest prefill chunk."""
+        layout = PackedPrompts.of(prompts)
+        if layout.tokens > self.prefill_chunk:
+            raise ValueError(f"{layout.tokens} packed prompt tokens exceed the prefill chunk ({self.prefill_chunk})")
+        k = layout.count
+        self._load_tables(first_row, blocks)
+        logits = self._packed_prefill(layout, first_row)
+        self._prompt_logits = logits
+        ids = upload(layout.ids, torch.int64, self.device)  # the histories, while the device runs the forward
+        self.sampler.load_rows(first_row, params, [ids[end - n + 1:end + 1] for end, n in zip(layout.last, layout.lengths)])
+        self.sampler.sample(logits, first_row, self.tokens[first_row:first_row + k])
+        self.positions[first_row:first_row + k].copy_(upload(layout.lengths, torch.int64, self.device))
+        self.live[first_row:first_row + k].fill_(1)
+
+    def _load_tables(self, first_row: int, blocks: list[list[int]]) -> None:
+        """_load_table for rows first_row.., in one copy."""
+        width = max(len(b) for b in blocks)
+        rows = [b + [TRASH_BLOCK] * (width - len(b)) for b in blocks]
+        self.tables[first_row:first_row + len(blocks), :width].copy_(upload(rows, torch.int32, self.device))
+
+    def _packed_prefill(self, layout: PackedPrompts, first_row: int) -> torch.Tensor:
+        """The packed prompts' last logits [K, V], each prompt's K/V written into its stream's blocks."""
+        n = layout.tokens
+        values = upload(layout.ids + layout.positions + layout.segments + layout.last, torch.int64, self.device)
+        ids, positions, segments, last = values[:n], values[n:2 * n], values[2 * n:3 * n], values[3 * n:]
+        slots = self.cache.slots_at(self.tables.index_select(0, segments + first_row), positions)
+        attention = packed_self_attention(attention_mask(segments, self.model.dtype))
+        return self.model.forward(ids, positions, slots, self.cache, attention, last, self.ops)
+
     def first_token(self, row: int, top: int | None = None) -> tuple[int, tuple[float, TopLogprobs] | None]:
         """The token prefill sampled into tokens[row] (waits for it, releasing the GIL meanwhile) and, when
         top is not None, its logprob and top alternatives."""
-        self._host_first.copy_(self.tokens[row:row + 1], non_blocking=True)
+        return self.first_tokens(row, [top])[0]
+
+    def first_tokens(self, first_row: int, tops: list[int | None]) -> list[tuple[int, tuple[float, TopLogprobs] | None]]:
+        """first_token for the K = len(tops) streams of the last prefill (or packed prefill), rows
+        [first_row, first_row + K), in one wait."""
+        k = len(tops)
+        tokens = self.tokens[first_row:first_row + k]
+        self._host_first[:k].copy_(tokens, non_blocking=True)
+        top = max((t for t in tops if t is not None), default=None)
         if top is not None:
-            self._copy_logprobs(FIRST_SLOT, self._prompt_logits, self.tokens[row:row + 1], top)
+            self._copy_logprobs(FIRST_SLOT, self._prompt_logits, tokens, top)
         if self._first_copied is not None:
             self._first_copied.record()
             self._first_copied.synchronize()
-        logprobs = self.read_logprobs(FIRST_SLOT, [top])[0] if top is not None else None
-        return int(self._host_first[0]), logprobs
+        logprobs = self.read_logprobs(FIRST_SLOT, tops) if top is not None else [None] * k
+        return list(zip(self._host_first[:k].tolist(), logprobs))
 
     # --- structured output --------------------------------------------------------------------------------
 

@@ -27,14 +27,22 @@ class RowSampler:
     def load(self, row: int, params: SamplingParams, prompt: torch.Tensor) -> None:
         """Row `row` takes a new stream: its parameters, a fresh draw counter and its prompt as history
         (prompt on the device). The scalars travel through pinned memory: the host never waits."""
-        n = min(prompt.numel(), self.history.shape[1])
+        self.load_rows(row, [params], [prompt])
+
+    def load_rows(self, start: int, params: list[SamplingParams], prompts: list[torch.Tensor]) -> None:
+        """Rows [start, start + K) take K new streams (load() for each, the scalars in one copy per kind)."""
+        end = start + len(params)
         device = self.top_k.device
-        floats = [params.temperature, params.top_p, params.min_p, params.repetition_penalty]
-        self._floats[:, row].copy_(upload(floats, torch.float32, device))
-        self._ints[:, row].copy_(upload([params.kernel_seed(), 0, n], torch.int64, device))
+        lengths = [min(p.numel(), self.history.shape[1]) for p in prompts]
+        floats = [[p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params],
+                  [p.repetition_penalty for p in params]]
+        self._floats[:, start:end].copy_(upload(floats, torch.float32, device))
+        ints = [[p.kernel_seed() for p in params], [0] * len(params), lengths]
+        self._ints[:, start:end].copy_(upload(ints, torch.int64, device))
         # int32 from a Python int would be a synchronous pageable copy: the host would wait for the prefill
-        self.top_k[row:row + 1].copy_(upload([params.top_k], torch.int32, device))
-        self.history[row, :n].copy_(prompt[:n])
+        self.top_k[start:end].copy_(upload([p.top_k for p in params], torch.int32, device))
+        for row, (prompt, n) in enumerate(zip(prompts, lengths), start):
+            self.history[row, :n].copy_(prompt[:n])
 
     def compact(self, order: torch.Tensor) -> None:
         """Row i takes what row order[i] held (order on the device, [m])."""

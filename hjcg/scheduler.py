@@ -73,6 +73,24 @@ class Scheduler:
             admitted.append(seq)
         return admitted
 
+    @staticmethod
+    def prefill_groups(admitted: list[Sequence], max_tokens: int) -> list[list[Sequence]]:
+        """The streams admitted in one step, in arrival order, cut into groups that prefill as one forward
+        (prompts packed end to end, at most max_tokens in all); a constrained stream or one whose prompt
+        alone exceeds max_tokens prefills by itself. Consecutive streams have consecutive rows, so each
+        group's rows are too."""
+        groups: list[list[Sequence]] = []
+        tokens = 0
+        for seq in admitted:
+            packable = seq.matcher is None and seq.prompt_len <= max_tokens
+            if packable and groups and groups[-1][-1].matcher is None and tokens + seq.prompt_len <= max_tokens:
+                groups[-1].append(seq)
+                tokens += seq.prompt_len
+            else:
+                groups.append([seq])
+                tokens = seq.prompt_len if packable else max_tokens + 1  # nothing joins an unpackable stream
+        return groups
+
     def retire_finished(self) -> list[int] | None:
         """Frees the finished streams' blocks and closes up the batch. Returns, for each new row, the old
         row it comes from (None when nothing finished)."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 
-def upload(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list on the device without stalling the host: staged in pinned memory (torch's caching host
+def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list (nested lists: a 2-D tensor) on the device without stalling the host: staged in pinned memory (torch's caching host
     allocator keeps the staging block until the copy has run), copied behind whatever the stream runs.
     A plain copy from pageable memory would block the engine thread, holding the GIL, until the GPU has
     finished the decode step in flight."""

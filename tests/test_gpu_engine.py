@@ -186,10 +186,12 @@ def test_warm_reports_graphs_and_memory():
 
 class Collector:
     def __init__(self):
-        self.ids, self.finish = [], None
+        self.ids, self.finish, self.first_logprob, self.first_top = [], None, None, []
 
     def __call__(self, event):
         if isinstance(event, TokenOutput):
+            if not self.ids:
+                self.first_logprob, self.first_top = event.logprob, [v for _, v in event.top_logprobs]
             self.ids.append(event.id)
         else:
             self.finish = event
@@ -249,3 +251,57 @@ def test_batch_buckets_serve_32_streams_and_shrink():
     drive(engine, collectors)
     assert all(c.finish.completion_tokens == (4 if i % 2 else 30) for i, c in enumerate(collectors))
     assert engine.stats()["running"] == 0 and engine.stats()["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize("mode", ["graphs", "hybrid"])
+def test_streams_that_join_together_prefill_packed_and_equal_their_solo_runs_and_transformers_fp32(mode):
+    loaded = random_llama("smollm2-135m", torch.float32, "cuda", seed=4)
+    engine = make_engine(loaded, mode, "float32")
+    rng = random.Random(2)
+    requests = [GenerationRequest([rng.randrange(3, 49152) for _ in range(n)], 20, logprobs=2, ignore_eos=True)
+                for n in (30, 5, 200, 77, 12, 100, 1)]  # 425 tokens: one packed forward
+    solo = [Collector() for _ in requests]
+    for request, c in zip(requests, solo):
+        engine.submit(request, c)
+        drive(engine, [c])
+    packs = []
+    original = engine.runner.prefill_packed
+    engine.runner.prefill_packed = lambda row, prompts, *a: (packs.append(len(prompts)), original(row, prompts, *a))
+    collectors = [Collector() for _ in requests]
+    for request, c in zip(requests, collectors):
+        engine.submit(request, c)
+    drive(engine, collectors)
+    assert packs == [len(requests)]
+    for request, packed, alone in zip(requests, collectors, solo):
+        n = len(request.prompt_ids)
+        with torch.inference_mode():
+            expected = loaded.hf_model.generate(torch.tensor([request.prompt_ids], device="cuda"),
+                                                max_new_tokens=request.max_new_tokens, do_sample=False,
+                                                eos_token_id=None, pad_token_id=0)[0, n:].tolist()
+        assert packed.ids == alone.ids == expected, n
+        assert abs(packed.first_logprob - alone.first_logprob) < 1e-4, n
+
+
+# With fp8 weights a lone prompt of up to 16 tokens runs the weight-only GEMV, a packed forward of more tokens
+# torch._scaled_mm on e4m3 activations (per-token scales), as any longer prompt does: a different rounding.
+@pytest.mark.parametrize("weights, tolerance", [("dtype", 2e-2), ("fp8", 0.15)])
+def test_a_packed_prefill_gives_each_stream_its_solo_first_token_distribution_fp16(weights, tolerance):
+    loaded = random_llama("smollm2-135m", torch.float16, "cuda", seed=6)
+    engine = make_engine(loaded, "hybrid", "float16", weights=weights)
+    engine.warm([])
+    assert {("prefill-packed", 512), ("prefill", 512)} <= {(g["phase"], g["length"]) for g in engine.warm([])["graphs"]}
+    rng = random.Random(3)
+    requests = [GenerationRequest([rng.randrange(3, 49152) for _ in range(n)], 3, logprobs=5, ignore_eos=True)
+                for n in (10, 10, 60, 3, 10)]
+    solo = [Collector() for _ in requests]
+    for request, c in zip(requests, solo):
+        engine.submit(request, c)
+        drive(engine, [c])
+    collectors = [Collector() for _ in requests]
+    for request, c in zip(requests, collectors):
+        engine.submit(request, c)
+    drive(engine, collectors)
+    for packed, alone in zip(collectors, solo):  # the five likeliest logprobs (ties of one ulp may swap ids)
+        assert len(packed.first_top) == 5
+        assert max(abs(a - b) for a, b in zip(packed.first_top, alone.first_top)) < tolerance
+        assert packed.finish.completion_tokens == 3

@@ -202,7 +202,7 @@ def _warm(client: HjcgClient, args) -> int:
         print(report.message)
         return 0
     for g in report.graphs:
-        print(f"{g.phase:8s} {g.length:6d}  {g.capture_ms:8.1f} ms  {g.bytes / 2**20:8.1f} MiB"
+        print(f"{g.phase:14s} {g.length:6d}  {g.capture_ms:8.1f} ms  {g.bytes / 2**20:8.1f} MiB"
               f"{'  (cached)' if g.cached else ''}")
     print(f"total {report.total_ms:.0f} ms, {report.graph_bytes / 2**20:.1f} MiB held by graphs")
     return 0

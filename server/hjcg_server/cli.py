@@ -7,7 +7,7 @@ import os
 import sys
 
 from hjcg import __version__
-from hjcg.config import DEFAULT_GRAPH_CACHE_ENTRIES, DEFAULT_PREFILL_BUCKETS, MODES, WEIGHTS, EngineConfig
+from hjcg.config import DEFAULT_GRAPH_CACHE_ENTRIES, DEFAULT_GRAPH_CACHE_MIB, DEFAULT_PREFILL_BUCKETS, MODES, WEIGHTS, EngineConfig
 from hjcg_server.app import ServerOptions, default_threads, parse_listen_address, serve
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -89,11 +89,12 @@ def _parser() -> argparse.ArgumentParser:
                    "is given (default: %(default)s)")
     s.add_argument("--kv-block-size", type=_at_least_one, default=16, metavar="TOKENS",
                    help="tokens per KV-cache block (default: %(default)s)")
-    s.add_argument("--graph-budget-mib", type=int, default=1024,
+    s.add_argument("--graph-budget-mib", type=int, default=DEFAULT_GRAPH_CACHE_MIB,
                    help="GPU memory for cached prefill graphs (default: %(default)s)")
     s.add_argument("--graph-max-entries", type=int, default=DEFAULT_GRAPH_CACHE_ENTRIES,
-                   help=f"graphs the cache may hold (the default set: {len(DEFAULT_PREFILL_BUCKETS)} prefill buckets "
-                   "and a decode graph per batch bucket) (default: %(default)s)")
+                   help=f"graphs the cache may hold (the default set: {len(DEFAULT_PREFILL_BUCKETS)} prefill buckets, "
+                   "each for one prompt and for prompts packed together, and per batch bucket a decode graph) "
+                   "(default: %(default)s)")
     s.add_argument("--warm", action="store_true", help="capture the default CUDA graphs before serving")
     s.add_argument("--grace", type=float, default=30.0,
                    help="seconds running requests get to finish on SIGTERM (default: %(default)s)")
