@@ -18,6 +18,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # head (+1.58%, past the 1.5% bar), `python -m hjcg.perplexity`) to save 17% of SmolLM2's decode bytes in
 # float16, 2% of Llama-2-7B's.
 WEIGHTS = ("dtype", "fp8")
+DEFAULT_DECODE_LOOKAHEAD = 2
+MAX_DECODE_LOOKAHEAD = 3
 # Prefill length buckets captured by default on CUDA: of the sets of 15 graphs, the one with the least mean
 # replay time over prompt lengths 1..512 (bench.bucket_sweep.choose_buckets over the measured sweep,
 # bench/results/2026-11-22-h100-sweep/bucket_sweep.json: H100, Llama-2-7B, random tokens). cuBLAS tiles the
@@ -58,6 +60,12 @@ class EngineConfig:
     # 2.58 at 4 and 2.17 at 8, cuBLAS 2.57-2.65 at any of them; in the engine, 8 streams decode at 5.95
     # ms/token with cuBLAS and 6.68 with the GEMV.
     gemv_max_rows: int = 4
+    # Decode steps queued on the GPU beyond the one the host is reading back (CUDA; the CPU runs none
+    # ahead). One hides the host's per-step work; two also hide the gRPC front's threads holding the GIL:
+    # 8 streams over gRPC, inter-token p99 7.1 ms at 2 against 9.7-10.0 at 1, 1 stream 5.3-5.6 against
+    # 7.2-8.1 (H100, Llama-2-7B, bench/results/2026-11-23-h100-lookahead-lab); 3 was worse again. A stream
+    # that ends early (EOS, a stop, cancelled) holds its row that many steps longer.
+    decode_lookahead: int = DEFAULT_DECODE_LOOKAHEAD
     kv_cache_gib: float = 0.0         # KV pool size; 0: kv_cache_fraction of free GPU memory (CUDA), 1 GiB (CPU)
     kv_cache_fraction: float = 0.5    # of the GPU memory free after loading the weights, when kv_cache_gib is 0
     cache_dir: str | None = None      # where converted GGUF weights are kept; None: ~/.cache/hjcg
@@ -92,6 +100,8 @@ class EngineConfig:
         self.default_max_new_tokens = min(self.default_max_new_tokens, self.max_new_tokens)
         if not 0 <= self.gemv_max_rows <= 8:
             raise ValueError("gemv_max_rows must be in [0, 8] (the GEMV takes at most 8 rows)")
+        if not 0 <= self.decode_lookahead <= MAX_DECODE_LOOKAHEAD:
+            raise ValueError(f"decode_lookahead must be in [0, {MAX_DECODE_LOOKAHEAD}]")
         for name in ("max_batch", "max_waiting", "kv_block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

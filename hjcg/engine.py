@@ -72,7 +72,7 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, config.max_batch, config.max_waiting)
         self.runner = self._make_runner(positions)
         # one decode step may run ahead on the GPU while the host streams the last one's tokens
-        self._lookahead = 1 if config.torch_device.type == "cuda" else 0
+        self._lookahead = config.decode_lookahead if config.torch_device.type == "cuda" else 0
         self._inbox: deque[Sequence] = deque()
         self._queued = 0  # in the inbox or waiting: what the queue bound counts
         self._lock = threading.Lock()
@@ -266,7 +266,9 @@ class Engine:
     def _launch(self) -> bool:
         """Queues one decode step for every running stream; returns whether it did."""
         running = self.scheduler.running
-        if not running:
+        if all(seq.launched >= seq.total_tokens - 1 for seq in running):
+            # every stream has the steps its budget needs in flight: another would compute tokens nobody reads,
+            # and a stream arriving meanwhile would wait for it on the GPU
             return False
         updates = []
         longest = 0

@@ -26,6 +26,7 @@ from typing import Iterator
 
 import torch
 
+from hjcg.config import MAX_DECODE_LOOKAHEAD
 from hjcg.kv_cache import TRASH_BLOCK, PagedKVCache
 from hjcg.logprobs import TopLogprobs, rows as logprob_rows, token_logprobs
 from hjcg.llama import (Attention, FastLlama, LayerOps, causal_self_attention, context_attention, packed_self_attention,
@@ -36,7 +37,7 @@ from hjcg.row_sampler import RowSampler
 from hjcg.sampling import SamplingParams
 from hjcg.upload import upload
 
-HOST_RING = 4  # decode steps whose tokens may be on their way to the host at once
+HOST_RING = MAX_DECODE_LOOKAHEAD + 1  # decode steps whose tokens may be on their way to the host at once
 FIRST_SLOT = HOST_RING  # the host slot of a prefill's first token's logprobs
 ALL_ALLOWED = -1  # a bitmask word with every bit set
 

@@ -106,6 +106,8 @@ def test_status_figures(engine):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(device="tpu"), "device"), (dict(mode="hybrid", device="cpu"), "needs a CUDA device"),
     (dict(dtype="int8"), "dtype"), (dict(max_prompt_tokens=5000), "smaller than max_context"),
+    (dict(decode_lookahead=4), r"decode_lookahead must be in \[0, 3\]"),
+    (dict(decode_lookahead=-1), "decode_lookahead"),
 ])
 def test_config_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -305,3 +305,23 @@ def test_a_packed_prefill_gives_each_stream_its_solo_first_token_distribution_fp
         assert len(packed.first_top) == 5
         assert max(abs(a - b) for a, b in zip(packed.first_top, alone.first_top)) < tolerance
         assert packed.finish.completion_tokens == 3
+
+
+@pytest.mark.parametrize("lookahead", [1, 2])
+def test_no_decode_step_is_queued_past_every_streams_budget(lookahead):
+    # Steps queued ahead of the host for streams that have every token they need in flight computed tokens
+    # nobody reads, and an arrival waited behind them on the GPU (its TTFT grew by a step per lookahead).
+    loaded = random_llama("smollm2-135m", torch.float16, "cuda", seed=9)
+    engine = make_engine(loaded, "hybrid", "float16", decode_lookahead=lookahead)
+    launches = []
+    original = engine.runner.launch_decode
+    engine.runner.launch_decode = lambda n, *a: (launches.append(n), original(n, *a))[1]
+    assert len(ids(engine.generate(GenerationRequest([5, 6, 7], 5, ignore_eos=True)))) == 5
+    assert launches == [1] * 4  # the first token comes from the prefill
+    launches.clear()
+    collectors = [Collector(), Collector()]
+    engine.submit(GenerationRequest([5, 6, 7], 3, ignore_eos=True), collectors[0])
+    engine.submit(GenerationRequest([8, 9], 6, ignore_eos=True), collectors[1])
+    drive(engine, collectors)
+    assert [len(c.ids) for c in collectors] == [3, 6] and len(launches) == 5
+    assert engine.stats()["running"] == 0

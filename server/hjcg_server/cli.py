@@ -7,7 +7,7 @@ import os
 import sys
 
 from hjcg import __version__
-from hjcg.config import DEFAULT_GRAPH_CACHE_ENTRIES, DEFAULT_GRAPH_CACHE_MIB, DEFAULT_PREFILL_BUCKETS, MODES, WEIGHTS, EngineConfig
+from hjcg.config import DEFAULT_DECODE_LOOKAHEAD, DEFAULT_GRAPH_CACHE_ENTRIES, DEFAULT_GRAPH_CACHE_MIB, DEFAULT_PREFILL_BUCKETS, MODES, WEIGHTS, EngineConfig
 from hjcg_server.app import ServerOptions, default_threads, parse_listen_address, serve
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"graphs the cache may hold (the default set: {len(DEFAULT_PREFILL_BUCKETS)} prefill buckets, "
                    "each for one prompt and for prompts packed together, and per batch bucket a decode graph) "
                    "(default: %(default)s)")
+    s.add_argument("--decode-lookahead", type=int, default=DEFAULT_DECODE_LOOKAHEAD, metavar="STEPS",
+                   help="decode steps queued on the GPU ahead of the host (0-3; more hides host hiccups, and a "
+                   "finished stream holds its row that many steps longer) (default: %(default)s)")
     s.add_argument("--warm", action="store_true", help="capture the default CUDA graphs before serving")
     s.add_argument("--grace", type=float, default=30.0,
                    help="seconds running requests get to finish on SIGTERM (default: %(default)s)")
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             default_max_new_tokens=args.default_max_new_tokens,
             graph_cache_max_entries=args.graph_max_entries, graph_cache_max_bytes=args.graph_budget_mib << 20,
             max_batch=args.max_batch, max_waiting=max(1, args.queue_size), kv_cache_gib=args.kv_cache_gib,
-            kv_cache_fraction=args.kv_cache_fraction, kv_block_size=args.kv_block_size)
+            kv_cache_fraction=args.kv_cache_fraction, kv_block_size=args.kv_block_size,
+            decode_lookahead=args.decode_lookahead)
         options = ServerOptions(
             engine=engine, listen=args.listen or [DEFAULT_LISTEN], queue_size=args.queue_size,
             grace_s=args.grace, warm=args.warm, auth_token=_auth_token(args.auth_token_file),
