@@ -105,12 +105,11 @@ class GraphRunner(EagerRunner):
         self.batch_buckets = tuple(batch_buckets)
         self.graphs = _C.GraphCache(config.graph_cache_max_entries, config.graph_cache_max_bytes)
         self.inputs: dict[int, PrefillInputs] = {}
-        self.row_attentions: dict[int, Attention] = {}
+        self.row_attentions: dict[str, Attention] = {}  # per prefill graph key: see _row_attention
         self.prefill_table = torch.zeros(1, self.table_width, device=self.device, dtype=torch.int32)
         self.prefill_logits = torch.zeros(1, model.shape.vocab_size, device=self.device, dtype=torch.float32)
         # packed prefill: a logit row per stream that may join in one step, and the joining streams' tables
         self.packed_inputs: dict[int, PackedInputs] = {}
-        self.packed_row_attentions: dict[int, Attention] = {}
         self.packed_tables = torch.zeros(self.max_rows, self.table_width, device=self.device, dtype=torch.int32)
         self.packed_logits = torch.zeros(self.max_rows, model.shape.vocab_size, device=self.device,
                                          dtype=torch.float32)
@@ -176,17 +175,23 @@ class GraphRunner(EagerRunner):
         self._run_graph(prefill_key(bucket), lambda: self._prefill_fn(bucket))
         return self.prefill_logits
 
-    def _packed_prefill(self, layout: PackedPrompts, first_row: int) -> torch.Tensor:
+    def _packed_prefill(self, layout: PackedPrompts, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
         bucket = self.bucket_for(layout.tokens)
-        inp = self._packed(bucket)
-        inp.buffer.copy_(upload(layout.padded(bucket, self.max_rows, self.pad_id), torch.int64, self.device))
+        inp = self._load_packed(layout, bucket)
         self.packed_tables[:layout.count].copy_(self.tables[first_row:first_row + layout.count])
         self._run_graph(packed_key(bucket), lambda: self._packed_fn(bucket))
-        return self.packed_logits[:layout.count]
+        return self.packed_logits[:layout.count], inp.ids
+
+    def _load_packed(self, layout: PackedPrompts, bucket: int) -> PackedInputs:
+        """Writes `layout` into the static inputs of the packed-prefill graph of `bucket` tokens (one copy)."""
+        inp = self._packed(bucket)
+        inp.buffer.copy_(upload(layout.padded(bucket, self.max_rows, self.pad_id), torch.int64, self.device))
+        return inp
 
     def _packed_fn(self, bucket: int) -> Callable[[], None]:
         inp = self._packed(bucket)
-        row_attention = self._packed_row_attention(bucket)
+        # rows past the packed prompts read one key of a stale table: harmless, their logits are dropped
+        row_attention = self._row_attention(packed_key(bucket), self.packed_tables, inp.seq_lens)
 
         def run() -> None:
             attention = packed_self_attention(attention_mask(inp.segments, self.model.dtype))
@@ -197,16 +202,6 @@ class GraphRunner(EagerRunner):
 
         return run
 
-    def _packed_row_attention(self, bucket: int) -> Attention | None:
-        """The last layer's logit rows: the decode kernel over each stream's blocks (see _row_attention);
-        rows past the packed prompts read one key of a stale table (harmless: their logits are dropped)."""
-        if not self.fused:
-            return None
-        if bucket not in self.packed_row_attentions:
-            self.packed_row_attentions[bucket] = fused_decode_attention(self.cache, self.packed_tables,
-                                                                        self._packed(bucket).seq_lens, ATTENTION_SPLITS)
-        return self.packed_row_attentions[bucket]
-
     def _packed(self, bucket: int) -> PackedInputs:
         if bucket not in self.packed_inputs:
             self.packed_inputs[bucket] = PackedInputs.zeros(bucket, self.max_rows, self.device)
@@ -215,7 +210,7 @@ class GraphRunner(EagerRunner):
     def _prefill_fn(self, bucket: int) -> Callable[[], None]:
         inp = self._inputs(bucket)
         attention = causal_self_attention()
-        row_attention = self._row_attention(bucket)
+        row_attention = self._row_attention(prefill_key(bucket), self.prefill_table, inp.seq_len)
         table = self.prefill_table.expand(bucket, -1)
 
         def run() -> None:
@@ -228,16 +223,16 @@ class GraphRunner(EagerRunner):
 
         return run
 
-    def _row_attention(self, bucket: int) -> Attention | None:
-        """The last layer's one sampled row: the decode kernel over the stream's blocks, its key count
-        written by the padding step. Kept for the runner's life: its workspace, allocated on the warm-up
-        run before a capture, is memory the captured graph writes to."""
+    def _row_attention(self, key: str, tables: torch.Tensor, seq_lens: torch.Tensor) -> Attention | None:
+        """The last layer's sampled rows of the prefill graph `key`: the decode kernel over each stream's
+        blocks (tables [R, W]), its key counts (seq_lens [R]) written with the graph's inputs. Kept for the
+        runner's life: its workspace, allocated on the warm-up run before a capture, is memory the captured
+        graph writes to."""
         if not self.fused:
             return None
-        if bucket not in self.row_attentions:
-            self.row_attentions[bucket] = fused_decode_attention(self.cache, self.prefill_table,
-                                                                 self._inputs(bucket).seq_len, ATTENTION_SPLITS)
-        return self.row_attentions[bucket]
+        if key not in self.row_attentions:
+            self.row_attentions[key] = fused_decode_attention(self.cache, tables, seq_lens, ATTENTION_SPLITS)
+        return self.row_attentions[key]
 
     def _inputs(self, bucket: int) -> PrefillInputs:
         if bucket not in self.inputs:
@@ -304,9 +299,7 @@ class GraphRunner(EagerRunner):
         key = packed_key(bucket)
         if key in self.graphs:
             return self._graph_entry("prefill-packed", bucket, None)
-        layout = PackedPrompts.of([[self.pad_id]])
-        self._packed(bucket).buffer.copy_(upload(layout.padded(bucket, self.max_rows, self.pad_id), torch.int64,
-                                                 self.device))
+        self._load_packed(PackedPrompts.of([[self.pad_id]]), bucket)
         self.packed_tables.fill_(TRASH_BLOCK)
         report = self.graphs.capture(key, self._packed_fn(bucket), warmup=1, pin=False)
         return self._graph_entry("prefill-packed", bucket, report)

@@ -6,8 +6,8 @@ one thread at a time drives step(): the server's engine thread, or generate() fo
 A step: arrivals join the waiting queue; waiting streams whose client left are dropped; streams that
 fit join the batch, prefilled (those joining together packed into one forward: hjcg.packing) and their
 first tokens streamed at once; one decode step is queued for every running stream; the tokens of the step
-before it are read back and streamed (on the GPU one step runs ahead while the host streams the last one's
-tokens); finished streams leave the batch.
+before it are read back and streamed (on the GPU steps run ahead while the host streams the earlier ones'
+tokens: EngineConfig.decode_lookahead); finished streams leave the batch.
 
 Structured output: a step with a constrained stream runs its forward first; while the device runs it,
 the host reads the step before's tokens, advances the matchers and fills the masks, then launches the
@@ -71,7 +71,7 @@ class Engine:
         self.blocks = BlockManager(self.cache.num_blocks, config.kv_block_size)
         self.scheduler = Scheduler(self.blocks, config.max_batch, config.max_waiting)
         self.runner = self._make_runner(positions)
-        # one decode step may run ahead on the GPU while the host streams the last one's tokens
+        # decode steps that may run ahead on the GPU while the host streams the earlier ones' tokens
         self._lookahead = config.decode_lookahead if config.torch_device.type == "cuda" else 0
         self._inbox: deque[Sequence] = deque()
         self._queued = 0  # in the inbox or waiting: what the queue bound counts

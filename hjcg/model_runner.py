@@ -124,7 +124,7 @@ class EagerRunner:
     def prefill(self, row: int, prompt: list[int], blocks: list[int], params: SamplingParams,
                 masked: bool = False) -> None:
         """Runs a joining stream's prompt (its blocks already cover it), loads its row and samples its first
-        token into tokens[row]; read it with first_token(). masked: sample only tokens that host_masks()'s
+        token into tokens[row]; read it with first_tokens(). masked: sample only tokens that host_masks()'s
         row `row` allows (filled by the caller first)."""
         ids = upload(prompt, torch.int64, self.device)
         self._load_table(row, blocks)
@@ -167,9 +167,8 @@ class EagerRunner:
             raise ValueError(f"{layout.tokens} packed prompt tokens exceed the prefill chunk ({self.prefill_chunk})")
         k = layout.count
         self._load_tables(first_row, blocks)
-        logits = self._packed_prefill(layout, first_row)
+        logits, ids = self._packed_prefill(layout, first_row)
         self._prompt_logits = logits
-        ids = upload(layout.ids, torch.int64, self.device)  # the histories, while the device runs the forward
         self.sampler.load_rows(first_row, params, [ids[end - n + 1:end + 1] for end, n in zip(layout.last, layout.lengths)])
         self.sampler.sample(logits, first_row, self.tokens[first_row:first_row + k])
         self.positions[first_row:first_row + k].copy_(upload(layout.lengths, torch.int64, self.device))
@@ -181,23 +180,20 @@ class EagerRunner:
         rows = [b + [TRASH_BLOCK] * (width - len(b)) for b in blocks]
         self.tables[first_row:first_row + len(blocks), :width].copy_(upload(rows, torch.int32, self.device))
 
-    def _packed_prefill(self, layout: PackedPrompts, first_row: int) -> torch.Tensor:
-        """The packed prompts' last logits [K, V], each prompt's K/V written into its stream's blocks."""
+    def _packed_prefill(self, layout: PackedPrompts, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed prompts' last logits [K, V], each prompt's K/V written into its stream's blocks; and
+        the packed ids on the device (layout.ids first: the prompts' histories for the sampler)."""
         n = layout.tokens
         values = upload(layout.ids + layout.positions + layout.segments + layout.last, torch.int64, self.device)
         ids, positions, segments, last = values[:n], values[n:2 * n], values[2 * n:3 * n], values[3 * n:]
         slots = self.cache.slots_at(self.tables.index_select(0, segments + first_row), positions)
         attention = packed_self_attention(attention_mask(segments, self.model.dtype))
-        return self.model.forward(ids, positions, slots, self.cache, attention, last, self.ops)
-
-    def first_token(self, row: int, top: int | None = None) -> tuple[int, tuple[float, TopLogprobs] | None]:
-        """The token prefill sampled into tokens[row] (waits for it, releasing the GIL meanwhile) and, when
-        top is not None, its logprob and top alternatives."""
-        return self.first_tokens(row, [top])[0]
+        return self.model.forward(ids, positions, slots, self.cache, attention, last, self.ops), ids
 
     def first_tokens(self, first_row: int, tops: list[int | None]) -> list[tuple[int, tuple[float, TopLogprobs] | None]]:
-        """first_token for the K = len(tops) streams of the last prefill (or packed prefill), rows
-        [first_row, first_row + K), in one wait."""
+        """The tokens the last prefill (or packed prefill) sampled into rows [first_row, first_row + K), K =
+        len(tops) (waits for them, releasing the GIL meanwhile) and, where tops[i] is not None, row i's
+        logprob and top tops[i] alternatives."""
         k = len(tops)
         tokens = self.tokens[first_row:first_row + k]
         self._host_first[:k].copy_(tokens, non_blocking=True)

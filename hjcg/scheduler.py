@@ -80,15 +80,16 @@ class Scheduler:
         alone exceeds max_tokens prefills by itself. Consecutive streams have consecutive rows, so each
         group's rows are too."""
         groups: list[list[Sequence]] = []
+        open_group: list[Sequence] | None = None  # the last group, while packable streams may still join it
         tokens = 0
         for seq in admitted:
             packable = seq.matcher is None and seq.prompt_len <= max_tokens
-            if packable and groups and groups[-1][-1].matcher is None and tokens + seq.prompt_len <= max_tokens:
-                groups[-1].append(seq)
+            if packable and open_group is not None and tokens + seq.prompt_len <= max_tokens:
+                open_group.append(seq)
                 tokens += seq.prompt_len
-            else:
-                groups.append([seq])
-                tokens = seq.prompt_len if packable else max_tokens + 1  # nothing joins an unpackable stream
+                continue
+            groups.append([seq])
+            open_group, tokens = (groups[-1], seq.prompt_len) if packable else (None, 0)
         return groups
 
     def retire_finished(self) -> list[int] | None:
