@@ -25,7 +25,7 @@ from hjcg_server.metrics import Metrics
 from hjcg_server.openai_api import FrontState
 from hjcg_server.openai_jobs import HttpJob
 from hjcg_server.security import BearerTokenInterceptor, server_credentials
-from hjcg_server.servicer import SERVICE, HjcgServicer, add_to_server
+from hjcg_server.servicer import DEFAULT_UNREAD_TIMEOUT_S, SERVICE, HjcgServicer, add_to_server
 from hjcg_server.worker import EngineWorker
 
 log = logging.getLogger("hjcg.server")
@@ -194,6 +194,7 @@ class ServerOptions:
     metrics_host: str = "127.0.0.1"
     threads: int | None = None  # torch CPU threads; None: default_threads()
     http_listen: str | None = None  # the OpenAI-compatible HTTP front's address; None: no HTTP front
+    unread_timeout_s: float = DEFAULT_UNREAD_TIMEOUT_S  # see worker.Job.unread_limit_s
 
 
 class HjcgServer:
@@ -201,7 +202,7 @@ class HjcgServer:
         self.options = options
         self.addresses = [parse_listen_address(a) for a in options.listen]
         self.metrics = Metrics()
-        self.servicer = HjcgServicer(self.metrics)
+        self.servicer = HjcgServicer(self.metrics, options.unread_timeout_s)
         self.health = health.HealthServicer()
         self.worker: EngineWorker | None = None
         self.exit_code = 0
@@ -300,7 +301,8 @@ class HjcgServer:
         # of microseconds per token; with Python's default 5 ms switch interval a thread woken by a token (or
         # the engine thread woken by the GPU) could wait up to that long for the GIL behind a busy neighbour.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        self.worker = EngineWorker(engine, self.options.queue_size, on_job_done=self._job_done)
+        self.worker = EngineWorker(engine, self.options.queue_size, on_job_done=self._job_done,
+                                   on_slow_reader=self.servicer.slow_reader)
         self.servicer.attach(engine, self.worker)
         if self.http is not None:
             self.http.attach(engine, self.worker)

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 
 from hjcg import __version__
 from hjcg.config import DEFAULT_DECODE_LOOKAHEAD, DEFAULT_GRAPH_CACHE_ENTRIES, DEFAULT_GRAPH_CACHE_MIB, DEFAULT_PREFILL_BUCKETS, MODES, WEIGHTS, EngineConfig
 from hjcg_server.app import ServerOptions, default_threads, parse_listen_address, serve
+from hjcg_server.servicer import DEFAULT_UNREAD_TIMEOUT_S
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -98,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--decode-lookahead", type=int, default=DEFAULT_DECODE_LOOKAHEAD, metavar="STEPS",
                    help="decode steps queued on the GPU ahead of the host (0-3; more hides host hiccups, and a "
                    "finished stream holds its row that many steps longer) (default: %(default)s)")
+    s.add_argument("--unread-timeout", type=float, default=DEFAULT_UNREAD_TIMEOUT_S, metavar="SECONDS",
+                   help="a stream whose client takes no message for this long while tokens wait is cancelled, and "
+                   "its client gets RESOURCE_EXHAUSTED: its batch row goes to others (default: %(default)s)")
     s.add_argument("--warm", action="store_true", help="capture the default CUDA graphs before serving")
     s.add_argument("--grace", type=float, default=30.0,
                    help="seconds running requests get to finish on SIGTERM (default: %(default)s)")
@@ -143,9 +148,12 @@ def main(argv: list[str] | None = None) -> int:
             engine=engine, listen=args.listen or [DEFAULT_LISTEN], queue_size=args.queue_size,
             grace_s=args.grace, warm=args.warm, auth_token=_auth_token(args.auth_token_file),
             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-            metrics_port=args.metrics_port, threads=args.threads, http_listen=args.http_listen)
+            metrics_port=args.metrics_port, threads=args.threads, http_listen=args.http_listen,
+            unread_timeout_s=args.unread_timeout)
         if options.queue_size < 1:
             raise ValueError("--queue-size must be >= 1")
+        if not (0 < options.unread_timeout_s < math.inf):
+            raise ValueError(f"--unread-timeout must be a positive number of seconds, got {args.unread_timeout}")
         return serve(options)
     except (ValueError, OSError) as e:
         print(f"hjcg: {e}", file=sys.stderr)

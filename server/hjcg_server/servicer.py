@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import grpc
 
@@ -35,6 +35,8 @@ _FINISH = {
     "cancelled": pb.FINISH_REASON_CANCELLED,
 }
 MAX_WARM_LENGTHS = 64
+# A stream whose client takes no message for this long while tokens wait is cancelled (--unread-timeout).
+DEFAULT_UNREAD_TIMEOUT_S = 30.0
 # A client's deadline and the server's copy of it differ by the time the request took to arrive: a cancel
 # this close to the deadline is the client's deadline expiring.
 _DEADLINE_SLACK_S = 0.05
@@ -81,11 +83,13 @@ class _RpcRecord:
     reason: str = "-"
     ends: int = 0                # the RPC's end and the job's end: log at 2
     lock: threading.Lock = field(default_factory=threading.Lock)
+    cancel_rpc: Callable[[], object] = lambda: None  # ends the RPC from any thread (its context's cancel)
 
 
 class HjcgServicer(pb_grpc.HjcgServicer):
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics, unread_timeout_s: float = DEFAULT_UNREAD_TIMEOUT_S):
         self.metrics = metrics
+        self.unread_timeout_s = unread_timeout_s
         self.engine: Engine | None = None
         self.worker: EngineWorker | None = None
         self.started = time.monotonic()
@@ -143,7 +147,8 @@ class HjcgServicer(pb_grpc.HjcgServicer):
             generation = convert.generation_request(request, engine)
         except RequestError as e:
             self._refuse(context, request_id, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        job = Job(generation, request_id, rpc=_RpcRecord())
+        job = Job(generation, request_id, rpc=_RpcRecord(cancel_rpc=context.cancel),
+                  unread_limit_s=self.unread_timeout_s)
         self._submit_job(worker, job, context)
         try:
             yield from self._stream(job, context)
@@ -167,6 +172,14 @@ class HjcgServicer(pb_grpc.HjcgServicer):
         if not context.add_callback(lambda: self._rpc_ended(job, context)):
             self._rpc_ended(job, context)  # the RPC has ended already
 
+    def slow_reader(self, job: Job) -> None:
+        """The worker's report (engine thread) that it cancelled `job` because its client stopped reading. The
+        client gets RESOURCE_EXHAUSTED once it reads what was buffered; if it has not read that within another
+        unread timeout, the RPC is cancelled, so that its thread is not held for ever."""
+        timer = threading.Timer(self.unread_timeout_s, job.rpc.cancel_rpc)
+        timer.daemon = True
+        timer.start()
+
     def _rpc_ended(self, job: Job, context) -> None:
         """Runs when the RPC ends for any reason, a normal end included."""
         record = job.rpc
@@ -186,7 +199,7 @@ class HjcgServicer(pb_grpc.HjcgServicer):
         last_token_at = None
         while True:
             try:
-                event = job.events.get(timeout=0.5)
+                event = job.take(timeout=0.5)
             except queue.Empty:
                 continue  # the worker always ends a job with a Finish or an error; keep waiting
             now = time.perf_counter()
@@ -198,6 +211,10 @@ class HjcgServicer(pb_grpc.HjcgServicer):
                 last_token_at = now
                 yield pb.GenerateResponse(request_id=job.request_id, token=self._token_event(job, event, now))
             elif isinstance(event, Finish):
+                if event.reason == "cancelled" and job.slow_reader:
+                    self._fail(context, job, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the client read too slowly: it took no message for {job.unread_limit_s:g} s while "
+                               "tokens waited, so the request was cancelled; read the stream as it arrives")
                 if event.reason == "cancelled" and self.shutting_down and not job.cancel.is_set():
                     self._fail(context, job, grpc.StatusCode.UNAVAILABLE,
                                "the server shut down before this request finished; retry on another replica")

@@ -4,6 +4,9 @@ RPC threads submit generation jobs straight to the engine (its queue is bounded 
 order); the engine thread runs steps while there is work, each step serving every running stream, and
 runs control tasks (graph warm-up) between steps. A job's events (TokenOutput..., Finish, or an
 exception) go to its own queue, which the RPC thread drains: the engine thread never waits on a client.
+A client that stops reading is buffered (gRPC's flow-control window, then the job's queue); once its
+reader has taken nothing for the job's unread_limit_s while tokens wait, the job is cancelled, so its
+batch row and KV blocks go to others.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from hjcg.engine import Engine, Finish, GenerationRequest
+from hjcg.engine import Engine, Finish, GenerationRequest, TokenOutput
 from hjcg.scheduler import QueueFull as EngineQueueFull
 from hjcg.sequence import Sequence
 
@@ -61,6 +64,22 @@ class Job:
     events: "queue.Queue[Any]" = field(default_factory=queue.Queue)
     rpc: Any = None  # the servicer's record of the RPC that submitted this job
     seq: Sequence | None = None
+    # A reader that takes events from `events` (a queue.Queue) stamps taken_at; with unread_limit_s set, a job
+    # whose reader took nothing for that long while tokens wait is cancelled as a slow reader.
+    unread_limit_s: float | None = None
+    taken_at: float = field(default_factory=time.perf_counter)
+    slow_reader: bool = False
+
+    def take(self, timeout: float):
+        """The next event for the job's reader (queue.Empty after `timeout` s)."""
+        event = self.events.get(timeout=timeout)
+        self.taken_at = time.perf_counter()
+        return event
+
+    def reader_stalled(self) -> bool:
+        """Whether tokens wait and the reader has taken none for longer than unread_limit_s."""
+        return (self.unread_limit_s is not None and self.events.qsize() > 1
+                and time.perf_counter() - self.taken_at > self.unread_limit_s)
 
     @property
     def queue_ms(self) -> float:
@@ -77,8 +96,10 @@ class Task:
 
 
 class EngineWorker:
-    def __init__(self, engine: Engine, queue_size: int, on_job_done: Callable[[Job, Finish | None], None] | None = None):
+    def __init__(self, engine: Engine, queue_size: int, on_job_done: Callable[[Job, Finish | None], None] | None = None,
+                 on_slow_reader: Callable[[Job], None] | None = None):
         self.engine = engine
+        self._on_slow_reader = on_slow_reader
         self.queue_size = queue_size
         self._lock = threading.Lock()
         self._jobs: set[Job] = set()        # submitted, not finished
@@ -117,6 +138,13 @@ class EngineWorker:
     def _deliver(self, job: Job, event) -> None:
         """The engine's sink for one job (engine thread): hand the event to the RPC thread."""
         job.events.put(event)
+        if isinstance(event, TokenOutput) and not job.slow_reader and job.reader_stalled():
+            job.slow_reader = True
+            log.warning("request %s: its client took no message for %.1f s while %d waited; cancelling it",
+                        job.request_id, job.unread_limit_s, job.events.qsize())
+            job.cancel.set()  # the stream ends at the next step boundary
+            if self._on_slow_reader:
+                self._on_slow_reader(job)
         if isinstance(event, Finish):
             with self._lock:
                 self._jobs.discard(job)
