@@ -143,13 +143,14 @@ def concurrency(plan: Plan, pool: ClientPool, log=_log) -> dict:
     levels = {}
     for n in plan.levels:
         pool.together([random_ids(rng, plan.prompt_tokens, plan.vocab) for _ in range(n)], plan.warm_tokens)
-        rounds = []
+        rounds, t0s = [], []
         for _ in range(plan.rounds):
             records = pool.together([random_ids(rng, plan.prompt_tokens, plan.vocab) for _ in range(n)],
                                     plan.new_tokens)
             t0 = min(r["send"] for r in records)
             rounds.append(compact(records, t0))
-        levels[str(n)] = {"rounds": rounds}
+            t0s.append(t0)  # the clients' clock (CLOCK_MONOTONIC): lines a round up with server-side traces
+        levels[str(n)] = {"rounds": rounds, "t0_s": t0s}
         f = stream_figures(rounds[0])
         log(f"concurrency {n:2d}: {f['tokens_per_s']:8.1f} tokens/s, inter-token median {_fmt(f['itl_median_ms'])} "
             f"p99 {_fmt(f['itl_p99_ms'])} ms, TTFT median {_fmt(f['ttft_median_ms'])} p99 {_fmt(f['ttft_p99_ms'])} ms"
