@@ -13,7 +13,9 @@ late at once) what the server was doing.
 
     python -m bench.lab.server_stalls OUT.json [VARIANT ...] [--cpu]
         variants: default, nogc (collector off once loaded), switch5ms (Python's default switch interval), aio (the
-        engine behind bench.lab.aio_front's asyncio gRPC front); ttft, ttft-aio: one caller's time to first token
+        engine behind bench.lab.aio_front's asyncio gRPC front), pinned (the server on one half of the CPUs, the
+        client processes on the other), blocking (the engine waits for the GPU's events asleep, not spinning);
+        ttft, ttft-aio: one caller's time to first token
         split into hops
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 
 TRACE_ENV = "HJCG_STALL_TRACE"
 VARIANT_ENV = "HJCG_STALL_VARIANT"
+CPUS_ENV = "HJCG_STALL_SERVER_CPUS"
 now = time.perf_counter
 
 
@@ -192,8 +195,16 @@ def ttft_hops(target: str, trace_path: str, vocab: int, calls: int = 200, gap_s:
             "median_ms_after_send": {k: round(statistics.median(v), 3) for k, v in per_hop.items()}}
 
 
+def _split_cpus() -> tuple[set[int], set[int]]:
+    """The machine's CPUs in two halves: the server's and the clients' (the `pinned` variant)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return set(cpus[:len(cpus) // 2]), set(cpus[len(cpus) // 2:])
+
+
 def _serve() -> None:
     variant = os.environ.get(VARIANT_ENV, "default")
+    if variant == "pinned":  # the server on one half of the CPUs, the clients on the other
+        os.sched_setaffinity(0, {int(c) for c in os.environ[CPUS_ENV].split(",")})
     _install_tracer(os.environ[TRACE_ENV], variant)
     from hjcg_server import app, cli
 
@@ -208,6 +219,12 @@ def _serve() -> None:
         app.freeze_heap = freeze_and_disable
     if variant == "switch5ms":
         app.SWITCH_INTERVAL_S = 0.005
+    if variant == "blocking":  # the host waits for the GPU asleep (cudaEventBlockingSync), not spinning
+        import functools
+
+        import torch
+
+        torch.cuda.Event = functools.partial(torch.cuda.Event, blocking=True)
     if variant.endswith("aio"):  # the same engine behind an asyncio front (bench.lab.aio_front)
         from bench.lab.aio_front import serve
 
@@ -277,18 +294,26 @@ def main(out: Path, variants: list[str], cpu: bool = False) -> None:
             with _traced(trace_path, variant):
                 server = server_for(plan, _log).start()
             try:
-                report[variant] = {f"gap_{gap}ms": ttft_hops(server.target, trace_path, plan.vocab, 20 if cpu else 300, gap / 1e3)
+                report[variant] = {f"gap_{gap}ms": ttft_hops(server.target, trace_path, plan.vocab, 150 if cpu else 300, gap / 1e3)
                                    for gap in (0, 5)}
             finally:
                 server.stop()
             _log(f"ttft: {json.dumps(report[variant])}")
             out.write_text(json.dumps(report, indent=1))
             continue
-        plan.levels, plan.rounds = ((2, 4) if cpu else (4, 16, 32)), 2
+        plan.levels, plan.rounds = ((2, 4) if cpu else (4, 8, 16, 32)), 2
         results: dict = {}
+        all_cpus = os.sched_getaffinity(0)
+        if variant == "pinned":  # this process's children (the client processes) inherit its CPUs
+            server_cpus, client_cpus = _split_cpus()
+            os.environ[CPUS_ENV] = ",".join(map(str, sorted(server_cpus)))
+            os.sched_setaffinity(0, client_cpus)
         with _traced(trace_path, variant):
             server = server_for(plan, _log).launch()
-        run_sections(plan, {"concurrency"}, results, log=_log, server=server)
+        try:
+            run_sections(plan, {"concurrency"}, results, log=_log, server=server)
+        finally:
+            os.sched_setaffinity(0, all_cpus)
         levels = results.get("concurrency", {}).get("levels", {})
         trace = json.loads(Path(trace_path).read_text()) if Path(trace_path).exists() else {}
         entry = {"figures": {n: [stream_figures(r) for r in level["rounds"]] for n, level in levels.items()},
