@@ -12,7 +12,8 @@ then runs the concurrency section at a few levels, and prints for each stall tha
 late at once) what the server was doing.
 
     python -m bench.lab.server_stalls OUT.json [VARIANT ...] [--cpu]
-        variants: default, nogc (collector off once loaded), switch5ms (Python's default switch interval), aio (the
+        variants: default, nogc (collector off once loaded), switch5ms (Python's default switch interval), switch50us
+        (a quarter of the server's), aio (the
         engine behind bench.lab.aio_front's asyncio gRPC front), pinned (the server on one half of the CPUs, the
         client processes on the other), blocking (the engine waits for the GPU's events asleep, not spinning);
         ttft, ttft-aio: one caller's time to first token
@@ -57,6 +58,7 @@ def _install_tracer(path: str, variant: str) -> None:
     step, collect = Engine.step, Engine._collect
     _trace_hops(trace.setdefault("hops", []))
     _trace_gpu_steps(trace.setdefault("gpu", []))
+    _trace_phases(trace.setdefault("phases", []))
 
     def traced_step(self) -> None:
         t, cpu = now(), time.thread_time()
@@ -92,6 +94,34 @@ def _install_tracer(path: str, variant: str) -> None:
     atexit.register(write)  # the server returns from main on SIGTERM
     threading.Thread(target=probe, daemon=True, name="stall-probe").start()
     threading.Thread(target=flush, daemon=True, name="stall-flush").start()
+
+
+def _trace_phases(phases: list) -> None:
+    """(start, ms, CPU ms, name) of every call over 2 ms to the parts of an engine step: which part a stall is in."""
+    from hjcg.cuda_graphs import GraphRunner
+    from hjcg.engine import Engine
+    from hjcg.model_runner import EagerRunner
+    from hjcg.scheduler import Scheduler
+    from hjcg_server.worker import EngineWorker
+
+    def timed(cls, name: str) -> None:
+        original = getattr(cls, name)
+
+        def wrapper(*args, **kwargs):
+            t, cpu = now(), time.thread_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                ms = (now() - t) * 1e3
+                if ms > 2:
+                    phases.append((t, ms, (time.thread_time() - cpu) * 1e3, f"{cls.__name__}.{name}"))
+
+        setattr(cls, name, wrapper)
+
+    for cls, name in ((Engine, "_launch"), (Engine, "_retire"), (Engine, "_prefill"), (Scheduler, "admit"),
+                      (EagerRunner, "set_blocks"), (EagerRunner, "_ship"), (EagerRunner, "read_tokens"),
+                      (GraphRunner, "_decode"), (EngineWorker, "_deliver"), (EngineWorker, "_run_tasks")):
+        timed(cls, name)
 
 
 def _trace_gpu_steps(gpu: list) -> None:
@@ -219,6 +249,8 @@ def _serve() -> None:
         app.freeze_heap = freeze_and_disable
     if variant == "switch5ms":
         app.SWITCH_INTERVAL_S = 0.005
+    if variant == "switch50us":
+        app.SWITCH_INTERVAL_S = 0.00005
     if variant == "blocking":  # the host waits for the GPU asleep (cudaEventBlockingSync), not spinning
         import functools
 
@@ -363,6 +395,8 @@ def _summarize(trace: dict, t0: float, end: float) -> dict:
         # GPU time of each decode step (launch time, ms, rows): median, p99, and the steps over 12 ms
         "gpu_step_ms": _percentiles([ms for _, ms, _ in trace.get("gpu", [])]),
         "gpu_slow_steps": [(t, round(ms, 2), rows) for t, ms, rows in trace.get("gpu", []) if ms > 12][:60],
+        # the parts of a step that took over 5 ms (start, ms, CPU ms, part)
+        "slow_phases": [(t, round(ms, 2), round(c, 2), name) for t, ms, c, name in trace.get("phases", []) if ms > 5][:80],
     }
 
 
