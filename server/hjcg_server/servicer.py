@@ -84,6 +84,8 @@ class _RpcRecord:
     ends: int = 0                # the RPC's end and the job's end: log at 2
     lock: threading.Lock = field(default_factory=threading.Lock)
     cancel_rpc: Callable[[], object] = lambda: None  # ends the RPC from any thread (its context's cancel)
+    over: bool = False                                # the RPC has ended
+    watchdog: threading.Timer | None = None           # see HjcgServicer.slow_reader
 
 
 class HjcgServicer(pb_grpc.HjcgServicer):
@@ -174,15 +176,33 @@ class HjcgServicer(pb_grpc.HjcgServicer):
 
     def slow_reader(self, job: Job) -> None:
         """The worker's report (engine thread) that it cancelled `job` because its client stopped reading. The
-        client gets RESOURCE_EXHAUSTED once it reads what was buffered; if it has not read that within another
-        unread timeout, the RPC is cancelled, so that its thread is not held for ever."""
-        timer = threading.Timer(self.unread_timeout_s, job.rpc.cancel_rpc)
-        timer.daemon = True
-        timer.start()
+        client gets RESOURCE_EXHAUSTED once it reads what was buffered. A client that reads nothing for another
+        unread timeout has its RPC cancelled, so that its thread is not held for ever."""
+        record = job.rpc
+
+        def check() -> None:
+            with record.lock:
+                if record.over or record.sent is not None:  # ended, or the handler is sending its status
+                    return
+            if job.reader_stalled():
+                record.cancel_rpc()
+            else:  # it is reading what was buffered: look again later
+                self.slow_reader(job)
+
+        with record.lock:
+            if record.over:
+                return
+            record.watchdog = threading.Timer(self.unread_timeout_s, check)
+            record.watchdog.daemon = True
+            record.watchdog.start()
 
     def _rpc_ended(self, job: Job, context) -> None:
         """Runs when the RPC ends for any reason, a normal end included."""
         record = job.rpc
+        with record.lock:
+            record.over = True
+            if record.watchdog is not None:
+                record.watchdog.cancel()
         if record.sent is None:
             # The handler sent no status: the client cancelled, went away or ran out of time. Stop the job.
             job.cancel.set()

@@ -4,9 +4,9 @@ RPC threads submit generation jobs straight to the engine (its queue is bounded 
 order); the engine thread runs steps while there is work, each step serving every running stream, and
 runs control tasks (graph warm-up) between steps. A job's events (TokenOutput..., Finish, or an
 exception) go to its own queue, which the RPC thread drains: the engine thread never waits on a client.
-A client that stops reading is buffered (gRPC's flow-control window, then the job's queue); once its
-reader has taken nothing for the job's unread_limit_s while tokens wait, the job is cancelled, so its
-batch row and KV blocks go to others.
+A client that stops reading is buffered (gRPC's flow-control window, then the job's queue); once a token
+has waited untaken for the job's unread_limit_s, the job is cancelled, so its batch row and KV blocks go
+to others.
 """
 from __future__ import annotations
 
@@ -64,22 +64,29 @@ class Job:
     events: "queue.Queue[Any]" = field(default_factory=queue.Queue)
     rpc: Any = None  # the servicer's record of the RPC that submitted this job
     seq: Sequence | None = None
-    # A reader that takes events from `events` (a queue.Queue) stamps taken_at; with unread_limit_s set, a job
-    # whose reader took nothing for that long while tokens wait is cancelled as a slow reader.
+    # With unread_limit_s set (a reader taking from `events`, a queue.Queue, through take()), a job whose oldest
+    # event the reader has not taken has waited longer than that is a slow reader, and is cancelled (see put).
     unread_limit_s: float | None = None
-    taken_at: float = field(default_factory=time.perf_counter)
+    waiting_since: float = field(default_factory=time.perf_counter)  # the unread clock's start
     slow_reader: bool = False
 
+    def put(self, event) -> None:
+        """Hands an event to the job's reader (engine thread). Into an empty queue it starts the unread clock:
+        the reader had taken everything, so time spent with nothing to read (queued, prefilling) never counts."""
+        if self.unread_limit_s is not None and self.events.empty():
+            self.waiting_since = time.perf_counter()
+        self.events.put(event)
+
     def take(self, timeout: float):
-        """The next event for the job's reader (queue.Empty after `timeout` s)."""
+        """The next event for the job's reader (queue.Empty after `timeout` s); restarts the unread clock."""
         event = self.events.get(timeout=timeout)
-        self.taken_at = time.perf_counter()
+        self.waiting_since = time.perf_counter()
         return event
 
     def reader_stalled(self) -> bool:
-        """Whether tokens wait and the reader has taken none for longer than unread_limit_s."""
-        return (self.unread_limit_s is not None and self.events.qsize() > 1
-                and time.perf_counter() - self.taken_at > self.unread_limit_s)
+        """Whether an event has waited untaken for longer than unread_limit_s."""
+        return (self.unread_limit_s is not None and not self.events.empty()
+                and time.perf_counter() - self.waiting_since > self.unread_limit_s)
 
     @property
     def queue_ms(self) -> float:
@@ -137,7 +144,7 @@ class EngineWorker:
 
     def _deliver(self, job: Job, event) -> None:
         """The engine's sink for one job (engine thread): hand the event to the RPC thread."""
-        job.events.put(event)
+        job.put(event)
         if isinstance(event, TokenOutput) and not job.slow_reader and job.reader_stalled():
             job.slow_reader = True
             log.warning("request %s: its client took no message for %.1f s while %d waited; cancelling it",
