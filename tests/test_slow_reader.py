@@ -86,7 +86,7 @@ def test_a_reader_that_keeps_up_is_never_cancelled(server):
 # --- the clock: what counts as a reader that stopped reading (the job's two ends, no server) -------------------
 
 def a_job(limit_s: float) -> Job:
-    return Job(GenerationRequest(prompt_ids=[1, 2, 3], max_new_tokens=8), "clock", unread_limit_s=limit_s)
+    return Job(GenerationRequest(prompt_ids=[1, 2, 3], max_new_tokens=8), "clock", unread_timeout_s=limit_s)
 
 
 def token(index: int) -> TokenOutput:

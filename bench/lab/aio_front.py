@@ -24,7 +24,6 @@ import time
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from hjcg.config import EngineConfig
 from hjcg.engine import Engine, Finish, RequestError, TokenOutput, freeze_heap
 from hjcg.v1 import hjcg_pb2 as pb
 from hjcg_server import cli, convert
@@ -34,16 +33,8 @@ from hjcg_server.servicer import SERVICE, _FINISH
 from hjcg_server.worker import EngineWorker, Job, QueueFull
 
 
-def _engine_config(args) -> EngineConfig:
-    return EngineConfig(model=args.model, device=args.device, dtype=args.dtype, weights=args.weights, mode=args.mode,
-                        max_context=args.max_context, max_prompt_tokens=args.max_prompt_tokens,
-                        max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
-                        max_waiting=max(1, args.queue_size), kv_cache_gib=args.kv_cache_gib,
-                        kv_cache_fraction=args.kv_cache_fraction, decode_lookahead=args.decode_lookahead)
-
-
 async def _main(args) -> None:
-    engine = Engine(_engine_config(args))
+    engine = Engine(cli.engine_config(args))
     if args.warm:
         engine.warm([])
     freeze_heap()

@@ -32,6 +32,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench.common import summary
+
 TRACE_ENV = "HJCG_STALL_TRACE"
 VARIANT_ENV = "HJCG_STALL_VARIANT"
 CPUS_ENV = "HJCG_STALL_SERVER_CPUS"
@@ -392,20 +394,12 @@ def _summarize(trace: dict, t0: float, end: float) -> dict:
         "gc_total_ms": round(sum(e[1] for e in trace["gc"]) * 1e3, 1),
         "probe_over_3ms": [(t, round(d * 1e3, 2)) for t, d in trace["probe"] if d > 0.003][:60],
         "slow_collects": [(t, round(d * 1e3, 2)) for t, d in trace["collects"] if d > 0.015][:60],
-        # GPU time of each decode step (launch time, ms, rows): median, p99, and the steps over 12 ms
-        "gpu_step_ms": _percentiles([ms for _, ms, _ in trace.get("gpu", [])]),
+        # GPU time of the decode steps (bench.common.summary), and the steps over 12 ms (launch time, ms, rows)
+        "gpu_step_ms": summary([ms / 1e3 for _, ms, _ in trace.get("gpu", [])]),
         "gpu_slow_steps": [(t, round(ms, 2), rows) for t, ms, rows in trace.get("gpu", []) if ms > 12][:60],
         # the parts of a step that took over 5 ms (start, ms, CPU ms, part)
         "slow_phases": [(t, round(ms, 2), round(c, 2), name) for t, ms, c, name in trace.get("phases", []) if ms > 5][:80],
     }
-
-
-def _percentiles(values: list[float]) -> dict:
-    if not values:
-        return {}
-    ordered = sorted(values)
-    pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)  # noqa: E731
-    return {"median": pick(0.5), "p99": pick(0.99), "max": round(ordered[-1], 3), "count": len(ordered)}
 
 
 if __name__ == "__main__":

@@ -194,7 +194,7 @@ class ServerOptions:
     metrics_host: str = "127.0.0.1"
     threads: int | None = None  # torch CPU threads; None: default_threads()
     http_listen: str | None = None  # the OpenAI-compatible HTTP front's address; None: no HTTP front
-    unread_timeout_s: float = DEFAULT_UNREAD_TIMEOUT_S  # see worker.Job.unread_limit_s
+    unread_timeout_s: float = DEFAULT_UNREAD_TIMEOUT_S  # see worker.Job.unread_timeout_s
 
 
 class HjcgServer:

@@ -128,6 +128,19 @@ def _auth_token(path: str | None) -> str | None:
     return os.environ.get("HJCG_AUTH_TOKEN") or None
 
 
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine settings of parsed `serve` arguments (ValueError for an invalid combination)."""
+    return EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype, weights=args.weights, mode=args.mode,
+        max_context=args.max_context,
+        max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+        default_max_new_tokens=args.default_max_new_tokens,
+        graph_cache_max_entries=args.graph_max_entries, graph_cache_max_bytes=args.graph_budget_mib << 20,
+        max_batch=args.max_batch, max_waiting=max(1, args.queue_size), kv_cache_gib=args.kv_cache_gib,
+        kv_cache_fraction=args.kv_cache_fraction, kv_block_size=args.kv_block_size,
+        decode_lookahead=args.decode_lookahead)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -135,15 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print("hjcg: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
     try:
-        engine = EngineConfig(
-            model=args.model, device=args.device, dtype=args.dtype, weights=args.weights, mode=args.mode,
-            max_context=args.max_context,
-            max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-            default_max_new_tokens=args.default_max_new_tokens,
-            graph_cache_max_entries=args.graph_max_entries, graph_cache_max_bytes=args.graph_budget_mib << 20,
-            max_batch=args.max_batch, max_waiting=max(1, args.queue_size), kv_cache_gib=args.kv_cache_gib,
-            kv_cache_fraction=args.kv_cache_fraction, kv_block_size=args.kv_block_size,
-            decode_lookahead=args.decode_lookahead)
+        engine = engine_config(args)
         options = ServerOptions(
             engine=engine, listen=args.listen or [DEFAULT_LISTEN], queue_size=args.queue_size,
             grace_s=args.grace, warm=args.warm, auth_token=_auth_token(args.auth_token_file),

@@ -150,7 +150,7 @@ class HjcgServicer(pb_grpc.HjcgServicer):
         except RequestError as e:
             self._refuse(context, request_id, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         job = Job(generation, request_id, rpc=_RpcRecord(cancel_rpc=context.cancel),
-                  unread_limit_s=self.unread_timeout_s)
+                  unread_timeout_s=self.unread_timeout_s)
         self._submit_job(worker, job, context)
         try:
             yield from self._stream(job, context)
@@ -192,7 +192,7 @@ class HjcgServicer(pb_grpc.HjcgServicer):
         with record.lock:
             if record.over:
                 return
-            record.watchdog = threading.Timer(self.unread_timeout_s, check)
+            record.watchdog = threading.Timer(job.unread_timeout_s, check)
             record.watchdog.daemon = True
             record.watchdog.start()
 
@@ -233,7 +233,7 @@ class HjcgServicer(pb_grpc.HjcgServicer):
             elif isinstance(event, Finish):
                 if event.reason == "cancelled" and job.slow_reader:
                     self._fail(context, job, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"the client read too slowly: it took no message for {job.unread_limit_s:g} s while "
+                               f"the client read too slowly: it took no message for {job.unread_timeout_s:g} s while "
                                "tokens waited, so the request was cancelled; read the stream as it arrives")
                 if event.reason == "cancelled" and self.shutting_down and not job.cancel.is_set():
                     self._fail(context, job, grpc.StatusCode.UNAVAILABLE,

@@ -5,7 +5,7 @@ order); the engine thread runs steps while there is work, each step serving ever
 runs control tasks (graph warm-up) between steps. A job's events (TokenOutput..., Finish, or an
 exception) go to its own queue, which the RPC thread drains: the engine thread never waits on a client.
 A client that stops reading is buffered (gRPC's flow-control window, then the job's queue); once a token
-has waited untaken for the job's unread_limit_s, the job is cancelled, so its batch row and KV blocks go
+has waited untaken for the job's unread_timeout_s, the job is cancelled, so its batch row and KV blocks go
 to others.
 """
 from __future__ import annotations
@@ -64,16 +64,16 @@ class Job:
     events: "queue.Queue[Any]" = field(default_factory=queue.Queue)
     rpc: Any = None  # the servicer's record of the RPC that submitted this job
     seq: Sequence | None = None
-    # With unread_limit_s set (a reader taking from `events`, a queue.Queue, through take()), a job whose oldest
+    # With unread_timeout_s set (a reader taking from `events`, a queue.Queue, through take()), a job whose oldest
     # event the reader has not taken has waited longer than that is a slow reader, and is cancelled (see put).
-    unread_limit_s: float | None = None
+    unread_timeout_s: float | None = None
     waiting_since: float = field(default_factory=time.perf_counter)  # the unread clock's start
     slow_reader: bool = False
 
     def put(self, event) -> None:
         """Hands an event to the job's reader (engine thread). Into an empty queue it starts the unread clock:
         the reader had taken everything, so time spent with nothing to read (queued, prefilling) never counts."""
-        if self.unread_limit_s is not None and self.events.empty():
+        if self.unread_timeout_s is not None and self.events.empty():
             self.waiting_since = time.perf_counter()
         self.events.put(event)
 
@@ -84,9 +84,9 @@ class Job:
         return event
 
     def reader_stalled(self) -> bool:
-        """Whether an event has waited untaken for longer than unread_limit_s."""
-        return (self.unread_limit_s is not None and not self.events.empty()
-                and time.perf_counter() - self.waiting_since > self.unread_limit_s)
+        """Whether an event has waited untaken for longer than unread_timeout_s."""
+        return (self.unread_timeout_s is not None and not self.events.empty()
+                and time.perf_counter() - self.waiting_since > self.unread_timeout_s)
 
     @property
     def queue_ms(self) -> float:
@@ -148,7 +148,7 @@ class EngineWorker:
         if isinstance(event, TokenOutput) and not job.slow_reader and job.reader_stalled():
             job.slow_reader = True
             log.warning("request %s: its client took no message for %.1f s while %d waited; cancelling it",
-                        job.request_id, job.unread_limit_s, job.events.qsize())
+                        job.request_id, job.unread_timeout_s, job.events.qsize())
             job.cancel.set()  # the stream ends at the next step boundary
             if self._on_slow_reader:
                 self._on_slow_reader(job)
