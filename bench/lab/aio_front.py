@@ -20,6 +20,7 @@ import asyncio
 import signal
 import sys
 import time
+import uuid
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -33,14 +34,32 @@ from hjcg_server.servicer import SERVICE, _FINISH
 from hjcg_server.worker import EngineWorker, Job, QueueFull
 
 
-async def _main(args) -> None:
-    engine = Engine(cli.engine_config(args))
-    if args.warm:
-        engine.warm([])
-    freeze_heap()
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-    worker = EngineWorker(engine, args.queue_size)
+class _LoopEvents(asyncio.Queue):
+    """A job's `events` read on the loop that puts them (the engine process's messages arrive on it)."""
+
+    def put(self, event) -> None:
+        self.put_nowait((0, event))
+
+
+# set to a list by a tracer: (time, request id, index) of every token message built to yield
+yield_log: list | None = None
+
+
+async def _main(args, process: bool) -> None:
     loop = asyncio.get_running_loop()
+    if process:  # the engine in a process of its own, its messages read by this loop (bench.lab.engine_process)
+        from bench.lab.engine_process import FrontEngine, ProcessWorker
+
+        config = cli.engine_config(args)
+        worker = ProcessWorker(config, args.warm, args.queue_size, loop=loop)
+        engine = FrontEngine(config, worker.info)
+    else:
+        engine = Engine(cli.engine_config(args))
+        if args.warm:
+            engine.warm([])
+        freeze_heap()
+        worker = EngineWorker(engine, args.queue_size)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     async def generate(request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         received = time.perf_counter()
@@ -48,8 +67,8 @@ async def _main(args) -> None:
             generation = convert.generation_request(request, engine)
         except RequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        events: asyncio.Queue = asyncio.Queue()
-        job = Job(generation, request.request_id or "-", events=LoopQueue(loop, events, 0))
+        events: asyncio.Queue = _LoopEvents() if process else asyncio.Queue()
+        job = Job(generation, request.request_id or uuid.uuid4().hex, events=events if process else LoopQueue(loop, events, 0))
         try:
             worker.submit(job)
         except (QueueFull, RequestError) as e:
@@ -58,6 +77,8 @@ async def _main(args) -> None:
             while True:
                 _, event = await events.get()
                 if isinstance(event, TokenOutput):
+                    if yield_log is not None:
+                        yield_log.append((time.perf_counter(), job.request_id, event.index))
                     yield pb.GenerateResponse(request_id=job.request_id, token=pb.TokenEvent(
                         id=event.id, text=event.text, index=event.index,
                         server_ms=(time.perf_counter() - received) * 1e3))
@@ -88,7 +109,8 @@ async def _main(args) -> None:
         worker.stop()
 
 
-def serve() -> None:
+def serve(process: bool = False) -> None:
+    """process: the engine in a process of its own (bench.lab.engine_process), its messages read by the loop."""
     args = cli._parser().parse_args(sys.argv[1:])
     args.listen = args.listen or [cli.DEFAULT_LISTEN]
-    asyncio.run(_main(args))
+    asyncio.run(_main(args, process))

@@ -13,7 +13,9 @@ late at once) what the server was doing.
 
     python -m bench.lab.server_stalls OUT.json [VARIANT ...] [--cpu]
         variants: default, nogc (collector off once loaded), switch5ms (Python's default switch interval), switch50us
-        (a quarter of the server's), aio (the
+        (a quarter of the server's), simplequeue (jobs' events through queue.SimpleQueue), process (the engine in a
+        process of its own: bench.lab.engine_process), process-aio (that, behind the asyncio front, its messages
+        read by the event loop), aio (the
         engine behind bench.lab.aio_front's asyncio gRPC front), pinned (the server on one half of the CPUs, the
         client processes on the other), blocking (the engine waits for the GPU's events asleep, not spinning);
         ttft, ttft-aio: one caller's time to first token
@@ -38,6 +40,7 @@ TRACE_ENV = "HJCG_STALL_TRACE"
 VARIANT_ENV = "HJCG_STALL_VARIANT"
 CPUS_ENV = "HJCG_STALL_SERVER_CPUS"
 now = time.perf_counter
+_TRACE: dict = {}  # the server process's trace (see _install_tracer)
 
 
 # --- the tracer, inside the server process ------------------------------------------------------------------
@@ -45,7 +48,8 @@ now = time.perf_counter
 def _install_tracer(path: str, variant: str) -> None:
     from hjcg.engine import Engine
 
-    trace = {"steps": [], "collects": [], "gc": [], "probe": [], "variant": variant}
+    trace = _TRACE
+    trace.update({"steps": [], "collects": [], "gc": [], "probe": [], "sent": [], "variant": variant})
     gc_start: dict[str, float] = {}
 
     def on_gc(phase: str, info: dict) -> None:
@@ -61,6 +65,7 @@ def _install_tracer(path: str, variant: str) -> None:
     _trace_hops(trace.setdefault("hops", []))
     _trace_gpu_steps(trace.setdefault("gpu", []))
     _trace_phases(trace.setdefault("phases", []))
+    _trace_tokens(trace.setdefault("puts", []), trace.setdefault("yields", []))
 
     def traced_step(self) -> None:
         t, cpu = now(), time.thread_time()
@@ -82,11 +87,14 @@ def _install_tracer(path: str, variant: str) -> None:
             if late > 0.002:
                 trace["probe"].append((t, late))
 
+    write_lock = threading.Lock()  # the flush thread and the exit's write must not share the temporary file
+
     def write() -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({k: list(v) if isinstance(v, list) else v for k, v in trace.items()}, f)
-        os.replace(tmp, path)
+        with write_lock:
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({k: list(v) if isinstance(v, list) else v for k, v in trace.items()}, f)
+            os.replace(tmp, path)
 
     def flush() -> None:
         while True:
@@ -124,6 +132,49 @@ def _trace_phases(phases: list) -> None:
                       (EagerRunner, "set_blocks"), (EagerRunner, "_ship"), (EagerRunner, "read_tokens"),
                       (GraphRunner, "_decode"), (EngineWorker, "_deliver"), (EngineWorker, "_run_tasks")):
         timed(cls, name)
+
+
+def _trace_tokens(puts: list, yields: list) -> None:
+    """(time, request id, token index) of every token the engine thread hands to its job's queue (`puts`) and of
+    every token message its RPC handler builds to yield (`yields`): with the clients' receipts, which layer adds
+    the jitter to a stream's inter-token gaps."""
+    from hjcg.engine import TokenOutput
+    from hjcg_server.servicer import HjcgServicer
+    from hjcg_server.worker import Job
+
+    put, token_event = Job.put, HjcgServicer._token_event
+
+    def traced_put(self, event) -> None:
+        if isinstance(event, TokenOutput):
+            puts.append((now(), self.request_id, event.index))
+        put(self, event)
+
+    def traced_token_event(self, job, token, t):
+        yields.append((now(), job.request_id, token.index))
+        return token_event(self, job, token, t)
+
+    Job.put, HjcgServicer._token_event = traced_put, traced_token_event
+
+
+def _layer_gaps(trace: dict, t0: float, end: float) -> dict:
+    """Inter-token gaps (ms) of every stream in [t0, end] as the engine thread handed its tokens over (`put`) and as
+    its RPC handler took them to yield (`yield`), and in the `process` variant as the engine process sent them
+    (`sent`): median, p99 and p99 / median of each."""
+    import statistics
+
+    from bench.callers import percentile
+
+    out = {}
+    for layer in ("sent", "puts", "yields"):
+        per_stream: dict[str, list[float]] = {}
+        for t, rid, _ in trace.get(layer, []):
+            if t0 <= t <= end:
+                per_stream.setdefault(rid, []).append(t)
+        gaps = [(b - a) * 1e3 for times in per_stream.values() for a, b in zip(times, times[1:])]
+        if gaps:
+            mid, p99 = statistics.median(gaps), percentile(gaps, 99)
+            out[layer] = {"median_ms": round(mid, 3), "p99_ms": round(p99, 3), "p99_over_median": round(p99 / mid, 3) if mid else None}
+    return out
 
 
 def _trace_gpu_steps(gpu: list) -> None:
@@ -253,16 +304,34 @@ def _serve() -> None:
         app.SWITCH_INTERVAL_S = 0.005
     if variant == "switch50us":
         app.SWITCH_INTERVAL_S = 0.00005
+    if variant == "simplequeue":  # a job's events through queue.SimpleQueue (C, no Condition) instead of queue.Queue
+        import queue
+
+        from hjcg_server.worker import Job
+
+        init = Job.__init__
+
+        def simple_events(self, *args, **kwargs) -> None:
+            init(self, *args, **kwargs)
+            if type(self.events) is queue.Queue:
+                self.events = queue.SimpleQueue()
+        Job.__init__ = simple_events
     if variant == "blocking":  # the host waits for the GPU asleep (cudaEventBlockingSync), not spinning
         import functools
 
         import torch
 
         torch.cuda.Event = functools.partial(torch.cuda.Event, blocking=True)
-    if variant.endswith("aio"):  # the same engine behind an asyncio front (bench.lab.aio_front)
-        from bench.lab.aio_front import serve
+    if variant.startswith("process"):  # the engine in a process of its own (bench.lab.engine_process)
+        from bench.lab.engine_process import ProcessWorker, install
 
-        serve()
+        install()
+        ProcessWorker.sent_log = _TRACE["sent"]
+    if variant.endswith("aio"):  # the same engine behind an asyncio front (bench.lab.aio_front)
+        from bench.lab import aio_front
+
+        aio_front.yield_log = _TRACE["yields"]
+        aio_front.serve(process=variant.startswith("process"))
         return
     sys.exit(cli.main(sys.argv[1:]))
 
@@ -358,12 +427,15 @@ def main(out: Path, variants: list[str], cpu: bool = False) -> None:
                 end = t0 + max((s["send_ms"] + s["ttft_ms"] + sum(s["itl_ms"]) for s in streams
                                 if s["ttft_ms"] is not None), default=0.0) / 1e3
                 entry["stalls"][f"{n}/{i}"] = {"client_stalls_ms": _stalls([streams]),
-                                               "server": _summarize(trace, t0, end)}
+                                               "server": _summarize(trace, t0, end),
+                                               "gaps_by_layer": _layer_gaps(trace, t0, end)}
         report[variant] = entry
         for n, rounds in entry["figures"].items():
             for f in rounds:
                 _log(f"{variant} streams {n}: {f['tokens_per_s']:.0f} tokens/s, inter-token median "
                      f"{f['itl_median_ms']:.2f} p99 {f['itl_p99_ms']:.2f} ms")
+        for key, stalls in entry["stalls"].items():
+            _log(f"{variant} {key} gaps by layer: {json.dumps(stalls['gaps_by_layer'])}")
         for key, stalls in entry["stalls"].items():
             _log(f"{variant} {key}: {json.dumps(stalls)}")
         out.write_text(json.dumps(report, indent=1))
