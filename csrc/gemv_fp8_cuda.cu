@@ -30,7 +30,7 @@
 // Batch invariance: row b's result is bit-identical whatever B is. Every kernel instance runs the same
 // instructions for any B (B only says which lanes load input rows and which outputs are written); C[b][n] of
 // an mma depends on row b of A and column n of B alone; the chunk order, the warps' order in the final sum and
-// the norm's order is fixed (the ring kernel: each warp's squares by mmas of the inputs with themselves, see chunk_squares, then the warps in order; the register path: per lane, shuffles, then the warps). With silu_mul and B = 1 the activation is
+// the norm's per-lane then shuffle then per-warp order are fixed. With silu_mul and B = 1 the activation is
 // computed in the kernel (each lane two values, moved into the fragments by shuffles); for B > 1 a small kernel
 // (gemv::silu_mul_rows) computes it first into a [B, K] buffer with the same expression (silu_mul_rounded):
 // computing B rows' activations in every block would make the kernel bound on the special-function units.
@@ -222,21 +222,6 @@ __device__ __forceinline__ void chunk_mma(const uint4& w, const uint32_t (&lo)[8
   }
 }
 
-// kNorm in the ring kernel: the chunk's squares of input rows g and g + 8 by the tensor cores. An mma with the inputs'
-// own fragments as B (B[k][n] = x_n[k]: lane (g, t)'s B words for column g are its A words of row g) gives
-// C[b][n] = x_b . x_n over the 16 columns, so its diagonal C[b][b] is row b's sum of squares: 4 mmas per chunk (8 with
-// kHi) where squaring each lane's 16 columns in fp32 took 32 instructions (64), in a loop that ncu found close to
-// issue-bound (bench/results/2026-11-23-h100-fp8-ncu-lab). C[b][b] depends on row b alone: batch-invariant.
-template <typename T, bool kHi>
-__device__ __forceinline__ void chunk_squares(const uint32_t (&lo)[8], const uint32_t (&hi)[8], float (&sqm)[2][4]) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t frag[4] = {lo[2 * j], hi[2 * j], lo[2 * j + 1], hi[2 * j + 1]};
-    Fp8Mma<T>::mma(sqm[0], frag, lo[2 * j], lo[2 * j + 1]);                 // B columns n: x_n
-    if constexpr (kHi) Fp8Mma<T>::mma(sqm[1], frag, hi[2 * j], hi[2 * j + 1]);  // B columns n: x_{n+8}
-  }
-}
-
 template <typename T, bool kSiluMul, bool kNorm, bool kHi>
 __device__ __forceinline__ void sum_chunk(const uint4& w, const uint4 (&in)[LaneStreams<T, kSiluMul, kHi>::kInputVectors],
                                           int lane, float (&acc)[4], float (&sq)[2]) {
@@ -246,12 +231,9 @@ __device__ __forceinline__ void sum_chunk(const uint4& w, const uint4 (&in)[Lane
 }
 
 // The block's end: the warps' partial sums (and the norm's sums of squares) added in warp order through shared
-// memory, then out = residual + scale * w_scale * dot for the block's kTiles x 8 weight rows. The sums of squares
-// are the lanes' sq (summed over a row's 4 lanes here), or with kMmaSquares the diagonals of chunk_squares' sqm:
-// row g's in lane (g, g / 2), element g % 2 (row g + 8's: of sqm[1], element 2 + g % 2).
-template <typename T, bool kNorm, bool kHi, int kTiles, bool kMmaSquares = false>
-__device__ __forceinline__ void finish_block(const Fp8GemvArgs& a, const float (&acc)[kTiles][2][4], float (&sq)[2],
-                                             const float (&sqm)[2][4] = {}) {
+// memory, then out = residual + scale * w_scale * dot for the block's kTiles x 8 weight rows.
+template <typename T, bool kNorm, bool kHi, int kTiles>
+__device__ __forceinline__ void finish_block(const Fp8GemvArgs& a, const float (&acc)[kTiles][2][4], float (&sq)[2]) {
   constexpr int kRows = kTiles * kRowsPerBlock;
   __shared__ float partial[kMaxSplit][kMaxInputRows][kRows];
   __shared__ float partial_sq[kMaxSplit][kMaxInputRows];
@@ -268,12 +250,7 @@ __device__ __forceinline__ void finish_block(const Fp8GemvArgs& a, const float (
       partial[warp][g + 8][n + 1] = acc[j][0][3] + acc[j][1][3];
     }
   }
-  if constexpr (kNorm && kMmaSquares) {
-    if (t == g >> 1) {  // selects, not indexing by g: an indexed register array would live in local memory
-      partial_sq[warp][g] = g & 1 ? sqm[0][1] : sqm[0][0];
-      if constexpr (kHi) partial_sq[warp][g + 8] = g & 1 ? sqm[1][3] : sqm[1][2];
-    }
-  } else if constexpr (kNorm) {  // over the 4 lanes of a row, then (below) over the warps in order
+  if constexpr (kNorm) {  // over the 4 lanes of a row, then (below) over the warps in order
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       sq[r] += __shfl_xor_sync(0xffffffffu, sq[r], 1);
@@ -436,8 +413,7 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_fp8_ring_kernel(const Fp8
     commit_async();
   };
   float acc[kTiles][2][4] = {};
-  float sq[2] = {};           // unused: the norm's squares come from the tensor cores (chunk_squares)
-  float sqm[2][4] = {};
+  float sq[2] = {};
   const int first = warp * kDepth;
   for (int i = 0; i < stages; ++i) fill(first + i * stride, i);
   int stage = 0;
@@ -450,16 +426,15 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_fp8_ring_kernel(const Fp8
     for (int u = 0; u < kDepth; ++u) {
       if (c0 + u >= chunks) break;  // uniform over the warp
       uint32_t lo[8], hi[8] = {};
-      chunk_inputs<T, kSiluMul, false, kHi>(in[u], lane, lo, hi, sq);
+      chunk_inputs<T, kSiluMul, kNorm, kHi>(in[u], lane, lo, hi, sq);
 #pragma unroll
       for (int j = 0; j < kTiles; ++j) chunk_mma<T>(*slot(stage, u, j), lo, hi, acc[j][u & 1]);
-      if constexpr (kNorm) chunk_squares<T, kHi>(lo, hi, sqm);
     }
     fill(c0 + stages * stride, stage);
     stage = stage + 1 == stages ? 0 : stage + 1;
   }
   wait_async(0);  // nothing may land in shared memory after the block ends
-  finish_block<T, kNorm, kHi, kTiles, true>(a, acc, sq, sqm);
+  finish_block<T, kNorm, kHi, kTiles>(a, acc, sq);
 }
 
 // One block per row: amax, the row's scale amax / 448 (1 for an all-zero row), then e4m3(x / scale) with
