@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -72,9 +73,8 @@ def _engine_main(config: EngineConfig, warm: bool, conn) -> None:
             out.clear()
             conn.send((time.perf_counter(), batch))
             for jid, event in batch:
-                if not isinstance(event, (Finish, Exception)):
-                    continue
-                streams.pop(jid, None)
+                if isinstance(event, (Finish, Exception)):
+                    streams.pop(jid, None)
 
 
 @dataclass
@@ -214,8 +214,6 @@ def install() -> None:
         worker = ProcessWorker(self.options.engine, self.options.warm, self.options.queue_size,
                                on_job_done=self._job_done)
         engine = FrontEngine(self.options.engine, worker.info)
-        import sys
-
         sys.setswitchinterval(app.SWITCH_INTERVAL_S)
         self.worker = worker
         self.servicer.attach(engine, worker)

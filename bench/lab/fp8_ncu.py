@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 
 from bench.lab.fp8_gemv import CALLS, call
-from bench.lab.gemv_rows import FFN, HIDDEN, QKV, VOCAB, Buffers
+from bench.lab import gemv_rows
+from bench.lab.gemv_rows import FFN, HIDDEN, VOCAB, Buffers
 from hjcg import _C
 from hjcg.fp8 import quantize_weight
 
-SHAPES = {"qkv": (QKV, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * FFN, HIDDEN), "down": (HIDDEN, FFN),
-          "lm_head": (VOCAB, HIDDEN)}
+SHAPES = {**gemv_rows.SHAPES, "lm_head": (VOCAB, HIDDEN)}  # (N, K) of the chain's matrices, the lm head last
 
 
 def fp16_call(shape: str, w: torch.Tensor, b: Buffers) -> None:

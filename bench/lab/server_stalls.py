@@ -159,21 +159,18 @@ def _trace_tokens(puts: list, yields: list) -> None:
 def _layer_gaps(trace: dict, t0: float, end: float) -> dict:
     """Inter-token gaps (ms) of every stream in [t0, end] as the engine thread handed its tokens over (`put`) and as
     its RPC handler took them to yield (`yield`), and in the `process` variant as the engine process sent them
-    (`sent`): median, p99 and p99 / median of each."""
-    import statistics
-
-    from bench.callers import percentile
-
+    (`sent`): median, p99 and p99 / median of each (bench.common.summary)."""
     out = {}
     for layer in ("sent", "puts", "yields"):
         per_stream: dict[str, list[float]] = {}
         for t, rid, _ in trace.get(layer, []):
             if t0 <= t <= end:
                 per_stream.setdefault(rid, []).append(t)
-        gaps = [(b - a) * 1e3 for times in per_stream.values() for a, b in zip(times, times[1:])]
-        if gaps:
-            mid, p99 = statistics.median(gaps), percentile(gaps, 99)
-            out[layer] = {"median_ms": round(mid, 3), "p99_ms": round(p99, 3), "p99_over_median": round(p99 / mid, 3) if mid else None}
+        gaps = summary([b - a for times in per_stream.values() for a, b in zip(times, times[1:])])
+        if gaps["n"]:
+            mid, p99 = gaps["median_ms"], gaps["p99_ms"]
+            out[layer] = {"median_ms": round(mid, 3), "p99_ms": round(p99, 3),
+                          "p99_over_median": round(p99 / mid, 3) if mid else None}
     return out
 
 
