@@ -55,7 +55,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_fp8_supported", &hjcg::gemv_fp8_supported, py::arg("x"), py::arg("q"), py::arg("scale"));
   m.def("gemv_fp8", &hjcg::gemv_fp8_cuda, py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("rms_eps"),
         py::arg("silu_mul"), py::arg("residual"), py::arg("out"), py::arg("split") = 0,
-        py::arg("depth") = 0, py::arg("stages") = 0, py::arg("tiles") = 0);
+        py::arg("depth") = 0, py::arg("stages") = 0, py::arg("tiles") = 0, py::arg("copy_order") = 0);
+  m.def("gemv_mma_supported", &hjcg::gemv_mma_supported, py::arg("x"), py::arg("weight"));
+  m.def("gemv_mma", &hjcg::gemv_mma_cuda, py::arg("x"), py::arg("weight"), py::arg("rms_eps"), py::arg("silu_mul"),
+        py::arg("residual"), py::arg("out"), py::arg("split") = 0, py::arg("depth") = 0, py::arg("stages") = 0,
+        py::arg("tiles") = 0, py::arg("copy_order") = 0);
   m.def("quantize_rows", &hjcg::quantize_rows_cuda, py::arg("x"), py::arg("q"), py::arg("scale"));
   hjcg::bind_graph_cache(m);
 #else

@@ -69,14 +69,22 @@ void gemv_cuda(const torch::Tensor& x, const torch::Tensor& weight, double rms_e
 // The same GEMV over fp8 weights (hjcg/fp8.py: W ~= q * scale[:, None], q [N, K] float8_e4m3fn, scale [N]
 // float32), for B = 1..16 rows: out = residual + s * (x' @ q.T) * scale, fp32 accumulation on tensor cores,
 // row b bit-identical whatever B is. gemv_fp8_supported: x a contiguous fp16/bf16 [B, K] or [B, 2K] with
-// 1 <= B <= 16, q contiguous [N, K] and scale contiguous [N] on x's device, K % 16 == 0, K < 2^30, x and q
+// 1 <= B <= 16, q contiguous [N, K] and scale contiguous [N] on x's device, K % 16 == 0, K < 2^29, x and q
 // 16-byte aligned. split (warps per block sharing its weight rows, 1..8), depth (chunks per warp and batch:
 // 1, 2, 4), stages (batches in flight per warp: 1 in registers, 2..8 through a cp.async ring in shared memory) and
-// tiles (of 8 weight rows per block, 1 or 2): 0 = the measured defaults; other values for the lab.
+// tiles (of 8 weight rows per block, 1 or 2) and copy_order (the ring's: 1 by fragments, 2 by whole rows): 0 = the
+// measured defaults; other values for the lab.
 bool gemv_fp8_supported(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale);
 void gemv_fp8_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, double rms_eps,
                    bool silu_mul, const c10::optional<torch::Tensor>& residual, const torch::Tensor& out,
-                   int64_t split, int64_t depth, int64_t stages, int64_t tiles);
+                   int64_t split, int64_t depth, int64_t stages, int64_t tiles, int64_t copy_order);
+// The same tensor-core GEMV over fp16/bf16 weights of x's dtype (w_scale 1), for B = 1..16 rows: the decode steps of
+// more streams than gemv's CUDA cores serve at the copy rate. gemv_mma_supported: as gemv_fp8_supported with weight a
+// contiguous [N, K] of x's dtype, K % 8 == 0. split, depth, stages, tiles, copy_order: as for gemv_fp8.
+bool gemv_mma_supported(const torch::Tensor& x, const torch::Tensor& weight);
+void gemv_mma_cuda(const torch::Tensor& x, const torch::Tensor& weight, double rms_eps, bool silu_mul,
+                   const c10::optional<torch::Tensor>& residual, const torch::Tensor& out, int64_t split,
+                   int64_t depth, int64_t stages, int64_t tiles, int64_t copy_order);
 // Per-token e4m3 activations for the fp8 GEMMs: x [S, K] fp16/bf16 -> q [S, K] float8_e4m3fn and scale [S]
 // float32, bit for bit hjcg.fp8.quantize_rows (scale = amax / 448, or 1 for a zero row; q = e4m3(x / scale)).
 void quantize_rows_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale);

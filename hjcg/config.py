@@ -35,6 +35,8 @@ FP8_PREFILL_BUCKETS = (16, *DEFAULT_PREFILL_BUCKETS)
 # The default buckets twice (a graph for one prompt and one for prompts packed together: hjcg.packing), and per
 # batch bucket (1, 2, 4, ..., 32) a decode graph and the two halves of a constrained step.
 DEFAULT_GRAPH_CACHE_ENTRIES = 56
+# The most rows the tensor-core GEMV (csrc/gemv_mma_cuda.cu: the mma's m) takes, over fp16/bf16 weights as over fp8.
+MMA_GEMV_MAX_ROWS = 16
 DEFAULT_GRAPH_CACHE_MIB = 2048
 
 
@@ -55,11 +57,12 @@ class EngineConfig:
     max_batch: int = 32               # streams decoded together at most (decode graphs per batch bucket up to it)
     max_waiting: int = 64             # requests that may wait for a row; more are refused (QueueFull)
     kv_block_size: int = 16           # tokens per KV-cache block
-    # Decode steps of up to this many rows run hjcg's GEMV, larger ones cuBLAS: measured on the H100 at
-    # Llama-2-7B (bench/results/2026-11-23-h100-batching-lab): the GEMV chain streams 2.81 TB/s at 1 row,
-    # 2.58 at 4 and 2.17 at 8, cuBLAS 2.57-2.65 at any of them; in the engine, 8 streams decode at 5.95
-    # ms/token with cuBLAS and 6.68 with the GEMV.
-    gemv_max_rows: int = 4
+    # Decode steps of up to gemv_max_rows rows run hjcg's CUDA-core GEMV, of up to mma_gemv_max_rows its tensor-core
+    # GEMV, larger ones cuBLAS. Measured on the H100, the Llama-2-7B decode chain of products in one graph
+    # (bench/results/2026-11-23-h100-mma-gemv-lab): CUDA cores 4.70 ms at 1 row, 4.83 at 2, 5.12 at 4, 6.04 at 8;
+    # tensor cores 4.94, -, 5.00, 5.04, and 6.20 at 16; cuBLAS 5.05-5.14 at any of them.
+    gemv_max_rows: int = 2
+    mma_gemv_max_rows: int = 8
     # Decode steps queued on the GPU beyond the one the host is reading back (CUDA; the CPU runs none
     # ahead). One hides the host's per-step work; two also hide the gRPC front's threads holding the GIL:
     # 8 streams over gRPC, inter-token p99 7.1 ms at 2 against 9.7-10.0 at 1, 1 stream 5.3-5.6 against
@@ -100,6 +103,9 @@ class EngineConfig:
         self.default_max_new_tokens = min(self.default_max_new_tokens, self.max_new_tokens)
         if not 0 <= self.gemv_max_rows <= 8:
             raise ValueError("gemv_max_rows must be in [0, 8] (the GEMV takes at most 8 rows)")
+        if not 0 <= self.mma_gemv_max_rows <= MMA_GEMV_MAX_ROWS:
+            raise ValueError(f"mma_gemv_max_rows must be in [0, {MMA_GEMV_MAX_ROWS}] (the tensor-core GEMV takes at "
+                             f"most {MMA_GEMV_MAX_ROWS} rows)")
         if not 0 <= self.decode_lookahead <= MAX_DECODE_LOOKAHEAD:
             raise ValueError(f"decode_lookahead must be in [0, {MAX_DECODE_LOOKAHEAD}]")
         for name in ("max_batch", "max_waiting", "kv_block_size"):

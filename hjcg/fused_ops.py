@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from hjcg.config import MMA_GEMV_MAX_ROWS
 from hjcg.fp8 import FP8_DTYPE, Fp8Weight
 from hjcg.kv_cache import PagedKVCache
 from hjcg.llama import Attention, FastLlama, LayerOps, Weight
@@ -26,15 +27,18 @@ class FusedCudaOps(LayerOps):
     """Needs a model whose norm weights are folded (FastLlama.fold_norm_weights): the layer's norms are
     then a per-row scale, 1 / rms(x), applied inside the weight-streaming GEMV (a decode step of up to gemv_max_rows
     rows) or, for more rows, by the kernel after the GEMM (rope_cache, silu_mul), which reads x itself: no separate norm
-    kernel. Every matrix may be an Fp8Weight (hjcg.fp8): up to fp8_gemv_max_rows rows then run the fp8 GEMV (same
-    fusions), more rows the fp8 GEMM (`fp8_gemm`); the deferred norm holds as well, per-row scales commuting with
+    kernel. Steps of more rows, up to mma_gemv_max_rows, run the tensor-core GEMV (same fusions). Every matrix may be
+    an Fp8Weight (hjcg.fp8): up to fp8_gemv_max_rows rows then run the fp8 GEMV (the tensor-core GEMV on e4m3
+    weights), more rows the fp8 GEMM (`fp8_gemm`); the deferred norm holds as well, per-row scales commuting with
     the product."""
 
     def __init__(self, gemv_max_rows: int = 8, fp8_gemv_max_rows: int = FP8_GEMV_MAX_ROWS,
-                 fp8_gemm: str = FP8_GEMM):
+                 fp8_gemm: str = FP8_GEMM, mma_gemv_max_rows: int = MMA_GEMV_MAX_ROWS):
         if fp8_gemm not in FP8_GEMMS:
             raise ValueError(f"fp8_gemm must be one of {FP8_GEMMS}, got {fp8_gemm!r}")
-        self.gemv_max_rows = gemv_max_rows  # steps of more rows run cuBLAS GEMMs (see EngineConfig.gemv_max_rows)
+        # steps of more rows than both run cuBLAS GEMMs (see EngineConfig.gemv_max_rows and mma_gemv_max_rows)
+        self.gemv_max_rows = gemv_max_rows
+        self.mma_gemv_max_rows = mma_gemv_max_rows
         self.fp8_gemv_max_rows = fp8_gemv_max_rows
         self.fp8_gemm = fp8_gemm
 
@@ -42,18 +46,26 @@ class FusedCudaOps(LayerOps):
         # more rows than the GEMV takes, and rows the kernels read as 16-byte vectors
         return not self._gemv(x, weight) and x.is_contiguous() and x.shape[-1] % (16 // x.element_size()) == 0
 
-    def _gemv(self, x: torch.Tensor, weight: Weight) -> bool:
+    def _gemv(self, x: torch.Tensor, weight: Weight) -> str | None:
+        """Which weight-streaming GEMV takes x's rows: "fp8", "cuda_cores", "tensor_cores", or None (a GEMM)."""
+        rows = x.shape[0]
         if isinstance(weight, Fp8Weight):
-            return x.shape[0] <= self.fp8_gemv_max_rows and _C.gemv_fp8_supported(x, weight.q, weight.scale)
-        return x.shape[0] <= self.gemv_max_rows and _C.gemv_supported(x, weight)
+            return "fp8" if rows <= self.fp8_gemv_max_rows and _C.gemv_fp8_supported(x, weight.q, weight.scale) else None
+        if rows <= self.gemv_max_rows and _C.gemv_supported(x, weight):
+            return "cuda_cores"
+        if rows <= self.mma_gemv_max_rows and _C.gemv_mma_supported(x, weight):
+            return "tensor_cores"
+        return None
 
-    @staticmethod
-    def _run_gemv(x: torch.Tensor, weight: Weight, rms_eps: float, silu_mul: bool, residual: torch.Tensor | None,
-                  out: torch.Tensor) -> torch.Tensor:
-        if isinstance(weight, Fp8Weight):
+    def _run_gemv(self, x: torch.Tensor, weight: Weight, rms_eps: float, silu_mul: bool,
+                  residual: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+        kind = self._gemv(x, weight)
+        if kind == "fp8":
             _C.gemv_fp8(x, weight.q, weight.scale, rms_eps, silu_mul, residual, out)
-        else:
+        elif kind == "cuda_cores":
             _C.gemv(x, weight, rms_eps, silu_mul, residual, out)
+        else:
+            _C.gemv_mma(x, weight, rms_eps, silu_mul, residual, out)
         return out
 
     def linear(self, x: torch.Tensor, weight: Weight) -> torch.Tensor:

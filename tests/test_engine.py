@@ -108,6 +108,9 @@ def test_status_figures(engine):
     (dict(dtype="int8"), "dtype"), (dict(max_prompt_tokens=5000), "smaller than max_context"),
     (dict(decode_lookahead=4), r"decode_lookahead must be in \[0, 3\]"),
     (dict(decode_lookahead=-1), "decode_lookahead"),
+    (dict(gemv_max_rows=9), r"gemv_max_rows must be in \[0, 8\]"),
+    (dict(mma_gemv_max_rows=17), r"mma_gemv_max_rows must be in \[0, 16\]"),
+    (dict(mma_gemv_max_rows=-1), "mma_gemv_max_rows"),
 ])
 def test_config_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):

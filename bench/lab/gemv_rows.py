@@ -1,9 +1,10 @@
-"""Lab (GPU machine): the decode GEMV for B = 1, 2, 4, 8 rows (streams) against torch matmul (cuBLAS), over the
+"""Lab (GPU machine): the decode GEMVs for B = 1, 2, 4, 8, 16 rows (streams) against torch matmul (cuBLAS), over the
 Llama-2-7B decode step's weight chain in fp16, timed inside one CUDA graph as the product runs it. Per layer:
 qkv 12288 x 4096 (norm fused), o 4096 x 4096 (residual, in place), gate_up 22016 x 4096 (norm fused), down
 4096 x 11008 (silu_mul of gate_up, residual, in place); 32 layers, each with its own weights (13.2 GB in all,
 so every matrix streams from HBM); then the lm head 32000 x 4096 (norm fused). The torch chain runs the same
 GEMMs only (mm, addmm_ in place for the residual; no norm, no activation kernel), which flatters it slightly.
+The GEMVs: hjcg_gemv (CUDA cores, up to 8 rows) and hjcg_mma (tensor cores, up to 16).
 TB/s = weight bytes / time. Also each shape alone (its 32 layers' matrices, the lm head 8 times), the
 device copy rate for reference, and whether the chain's logits for stream 0 are bit-identical at every B.
 
@@ -21,7 +22,8 @@ from bench.common import cuda_time, environment, floors
 from hjcg import _C
 
 HIDDEN, FFN, QKV, VOCAB, LAYERS = 4096, 11008, 12288, 32000, 32
-ROWS = (1, 2, 4, 8)
+ROWS = (1, 2, 4, 8, 16)
+GEMVS = {"hjcg_gemv": (_C.gemv, 8), "hjcg_mma": (_C.gemv_mma, 16)}  # the op and the most rows it takes
 EPS = 1e-5
 DTYPE = torch.float16
 SHAPES = {"qkv": (QKV, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * FFN, HIDDEN), "down": (HIDDEN, FFN)}
@@ -60,14 +62,14 @@ class Buffers:
                                                for n in (QKV, 2 * FFN, VOCAB))
 
 
-def gemv_chain(w: Weights, b: Buffers) -> None:
+def gemv_chain(w: Weights, b: Buffers, gemv=_C.gemv) -> None:
     b.x.copy_(b.x0)
     for layer in w.layers:
-        _C.gemv(b.x, layer["qkv"], EPS, False, None, b.qkv)
-        _C.gemv(b.attn, layer["o"], -1.0, False, b.x, b.x)
-        _C.gemv(b.x, layer["gate_up"], EPS, False, None, b.gate_up)
-        _C.gemv(b.gate_up, layer["down"], -1.0, True, b.x, b.x)
-    _C.gemv(b.x, w.lm_head, EPS, False, None, b.logits)
+        gemv(b.x, layer["qkv"], EPS, False, None, b.qkv)
+        gemv(b.attn, layer["o"], -1.0, False, b.x, b.x)
+        gemv(b.x, layer["gate_up"], EPS, False, None, b.gate_up)
+        gemv(b.gate_up, layer["down"], -1.0, True, b.x, b.x)
+    gemv(b.x, w.lm_head, EPS, False, None, b.logits)
 
 
 def torch_chain(w: Weights, b: Buffers) -> None:
@@ -99,9 +101,9 @@ def one_shape(impl: str, shape: str, w: Weights, b: Buffers):
                 else:
                     torch.mm(inp, m.t(), out=out)
             elif kind == "norm":
-                _C.gemv(inp, m, EPS, False, None, out)
+                GEMVS[impl][0](inp, m, EPS, False, None, out)
             else:
-                _C.gemv(inp, m, -1.0, kind == "silu", out, out)
+                GEMVS[impl][0](inp, m, -1.0, kind == "silu", out, out)
     return run, sum(m.numel() * m.element_size() for m in mats), len(mats)
 
 
@@ -132,31 +134,33 @@ def main(out: Path) -> None:
         result["weight_bytes"] = w.bytes
         inputs = {name: torch.randn(max(ROWS), n, device="cuda", dtype=DTYPE)
                   for name, n in (("x", HIDDEN), ("attn", HIDDEN), ("act", FFN))}
-        logits0 = {}
+        logits0 = {impl: {} for impl in GEMVS}
         for rows in ROWS:
             b = Buffers(rows, inputs)
-            assert _C.gemv_supported(b.x, w.layers[0]["qkv"]) and _C.gemv_supported(b.gate_up, w.layers[0]["down"])
-            for impl, chain in (("hjcg_gemv", gemv_chain), ("torch_mm", torch_chain)):
-                graph = graph_of(lambda: chain(w, b))
-                if impl == "hjcg_gemv":
-                    logits0[rows] = b.logits[0].clone()  # after one replay (graph_of replays once)
+            gemvs = [impl for impl, (_, most) in GEMVS.items() if rows <= most]
+            chains = [(impl, lambda impl=impl: gemv_chain(w, b, GEMVS[impl][0])) for impl in gemvs]
+            for impl, chain in (*chains, ("torch_mm", lambda: torch_chain(w, b))):
+                graph = graph_of(chain)
+                if impl in GEMVS:
+                    logits0[impl][rows] = b.logits[0].clone()  # after one replay (graph_of replays once)
                 s = replay_s(graph)
                 result["chain"].append({"impl": impl, "rows": rows, "ms": s * 1e3, "tb_s": w.bytes / s / 1e12})
                 print(f"chain  rows {rows}  {impl:9s}  {s * 1e3:7.3f} ms  {w.bytes / s / 1e12:5.2f} TB/s", flush=True)
                 del graph
             for shape in (*SHAPES, "lm_head"):
-                for impl in ("hjcg_gemv", "torch"):
+                for impl in (*gemvs, "torch"):
                     run, nbytes, calls = one_shape(impl, shape, w, b)
                     graph = graph_of(run)
                     s = replay_s(graph)
-                    result["shapes"].append({"impl": "hjcg_gemv" if impl == "hjcg_gemv" else "torch_mm", "rows": rows,
+                    result["shapes"].append({"impl": impl if impl in GEMVS else "torch_mm", "rows": rows,
                                              "shape": shape, "us_per_call": s * 1e6 / calls,
                                              "tb_s": nbytes / s / 1e12})
                     del graph
         # stream 0 has the same input at every B: its logits must not depend on the batch
-        same = {rows: bool(torch.equal(logits0[rows], logits0[1])) for rows in ROWS}
+        same = {impl: {rows: bool(torch.equal(per_rows[rows], per_rows[1])) for rows in per_rows}
+                for impl, per_rows in logits0.items()}
         result["chain_logits_row0"] = {"bit_identical_to_rows_1": same,
-                                       "finite": bool(torch.isfinite(logits0[1]).all())}
+                                       "finite": bool(torch.isfinite(logits0["hjcg_gemv"][1]).all())}
     (out / "gemv_rows.json").write_text(json.dumps(result, indent=1))
     print_tables(result)
 
@@ -165,20 +169,21 @@ def print_tables(result: dict) -> None:
     chain = {(r["impl"], r["rows"]): r for r in result["chain"]}
     print(f"\nLlama-2-7B decode GEMV chain, {result['weight_bytes'] / 1e9:.2f} GB of {result['dtype']} weights; "
           f"device copy rate {result['copy_tb_s']:.2f} TB/s")
-    print(f"{'rows':>4} | {'hjcg ms':>8} {'TB/s':>5} | {'torch ms':>8} {'TB/s':>5} | {'torch/hjcg':>10} | "
-          f"{'vs hjcg 1 row':>13}")
-    base = chain[("hjcg_gemv", 1)]["ms"]
+    impls = list(dict.fromkeys(r["impl"] for r in result["chain"]))
+    print(f"{'rows':>4} | " + " | ".join(f"{impl + ' ms':>13} {'TB/s':>5}" for impl in impls))
     for rows in ROWS:
-        g, t = chain[("hjcg_gemv", rows)], chain[("torch_mm", rows)]
-        print(f"{rows:>4} | {g['ms']:8.3f} {g['tb_s']:5.2f} | {t['ms']:8.3f} {t['tb_s']:5.2f} | "
-              f"{t['ms'] / g['ms']:10.3f} | {g['ms'] / base:13.3f}")
-    print("\nEach shape alone (TB/s, hjcg / torch):")
+        cells = [chain.get((impl, rows)) for impl in impls]
+        print(f"{rows:>4} | " + " | ".join(f"{c['ms']:13.3f} {c['tb_s']:5.2f}" if c else f"{'-':>13} {'':5}"
+                                          for c in cells))
+    print(f"(1-row hjcg_gemv chain: {chain[('hjcg_gemv', 1)]['ms']:.3f} ms)")
+    print("\nEach shape alone (TB/s, by impl):")
     shapes = list(dict.fromkeys(r["shape"] for r in result["shapes"]))
     print(f"{'rows':>4} | " + " | ".join(f"{s:>13}" for s in shapes))
     cell = {(r["impl"], r["rows"], r["shape"]): r["tb_s"] for r in result["shapes"]}
     for rows in ROWS:
-        print(f"{rows:>4} | " + " | ".join(f"{cell[('hjcg_gemv', rows, s)]:5.2f} / {cell[('torch_mm', rows, s)]:5.2f}"
-                                          for s in shapes))
+        for impl in impls:
+            if (impl, rows, shapes[0]) in cell:
+                print(f"{rows:>4} {impl:>9} | " + " | ".join(f"{cell[(impl, rows, s)]:13.2f}" for s in shapes))
     print(f"\nstream 0's logits bit-identical to the 1-row chain: {result['chain_logits_row0']}")
 
 

@@ -1,4 +1,6 @@
-// fp8 (e4m3) weights (hjcg/fp8.py: W ~= q * w_scale[:, None], one float32 scale per output row):
+// The tensor-core GEMV, over fp8 (e4m3) weights (hjcg/fp8.py: W ~= q * w_scale[:, None], one float32 scale per
+// output row) or over fp16/bf16 weights of the activations' dtype (w_scale = 1; for decode steps of 5..16 rows, where
+// the CUDA-core GEMV of gemv_cuda.cu is bound on its FMAs):
 //
 // 1. The weight-streaming GEMV of a decode step or a short prompt chunk (B = 1..16 input rows):
 //      out[b, n] = residual[b, n] + s_b * (w_scale[n] * sum_k q[n, k] x'[b, k])
@@ -17,8 +19,11 @@
 // are zeros), B = 8 weight rows (n), C = fp32. One mma covers 8 weight rows x 16 columns for every input row,
 // so the work per byte hardly depends on B and 16 rows stream about as fast as 1.
 //
-// Layout. A block takes 8 weight rows (16, two tiles, past 8 input rows: see gemv_fp8_ring_kernel); its `split`
-// warps (kDefaultSplit) share them, each summing batches of kDepth 64-column chunks in turn, and the block adds
+// fp16/bf16 weights take the same path with nothing to convert: a lane's 16 bytes are 8 columns and two mmas
+// (WeightFormat), so a weight byte costs about half the instructions of an e4m3 one.
+//
+// Layout (e4m3; fp16/bf16 weights: 32-column chunks, 8 columns per lane). A block takes 8 weight rows (16, two
+// tiles, past 8 input rows: see gemv_mma_ring_kernel); its `split` warps (kDefaultSplit) share them, each summing batches of kDepth 64-column chunks in turn, and the block adds
 // the warps' partial sums through shared memory at the end (a warp per 8 rows alone would leave too few warps,
 // and bytes in flight, for 4096-row matrices). In a chunk,
 // lane (g, t) = (lane / 4, lane % 4) loads 16 bytes (16 weights) of weight row g at columns 16t..16t+15 and the
@@ -43,6 +48,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "gemv_common.cuh"
 #include "ops.h"
@@ -54,8 +60,8 @@ using gemv::bit_cast;
 
 constexpr int kRowsPerBlock = 8;    // the mma's n
 constexpr int kMaxInputRows = 16;   // the mma's m
-constexpr int kChunk = 64;          // columns per warp and step: 4 lanes x 16 weights on each of the 8 rows
-constexpr int kLaneColumns = 16;    // one 16-byte load of e4m3 weights
+constexpr int kLaneBytes = 16;      // one 16-byte weight load per lane and chunk
+constexpr int kChunkBytes = 4 * kLaneBytes;  // a chunk: 4 lanes' loads on each of the 8 rows
 constexpr int kMaxSplit = 8;
 // The launch shape, from bench/lab/fp8_gemv.py's sweeps of the Llama-2-7B chain on the H100 (2026-11-23,
 // bench/results/2026-11-23-h100-fp8-lab): 8 warps per block sharing its rows, 2 chunks per warp and batch:
@@ -71,14 +77,20 @@ constexpr int kDefaultDepth = 2;
 // so the weight bytes in flight are not what holds the kernel at 2.3 TB/s.
 constexpr int kDefaultStages = 2;
 // Tiles of 8 weight rows per block when more than 8 input rows come (one tile below): each chunk's inputs then serve
-// 16 weight rows. Rows' bits do not depend on it (see gemv_fp8_ring_kernel).
+// 16 weight rows. Rows' bits do not depend on it (see gemv_mma_ring_kernel).
 constexpr int kDefaultTilesPast8Rows = 2;
 constexpr int kMaxStages = 8;
+// fp16/bf16 weights (bench/results/2026-11-23-h100-mma-gemv-lab, the fp16 Llama-2-7B chain): the ring copied by
+// whole rows (RowLines), 4 chunks per batch, one tile at any row count: 4.94 ms at 1 row, 5.00 at 4, 5.04 at 8 (cuBLAS
+// 5.05-5.14; by fragments at 2 chunks: 5.10, 5.17, 5.23); at 16 rows 6.20 (cuBLAS 5.09), where the engine uses cuBLAS.
+// For e4m3 weights the copy by rows was slower (2.92 -> 3.18 ms at 1 row, 2.99 -> 3.14 at 8), so they keep the
+// fragment order and the shape above.
+constexpr int kDefaultDepthInputDtype = 4;
 constexpr float kFp8Max = 448.f;    // e4m3's largest finite value (hjcg.fp8.FP8_MAX)
 
-// Two e4m3 weights (the lower-indexed in the low byte) as one 32-bit word of T2, exactly, and the mma on T.
-template <typename T> struct Fp8Mma;
-template <> struct Fp8Mma<__half> {
+// The mma on T, and two e4m3 weights (the lower-indexed in the low byte) as one 32-bit word of T2, exactly.
+template <typename T> struct Mma;
+template <> struct Mma<__half> {
   static __device__ __forceinline__ uint32_t weights(uint16_t pair) {
     return bit_cast<uint32_t>(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3));  // one instruction on sm_89+
   }
@@ -89,7 +101,7 @@ template <> struct Fp8Mma<__half> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 };
-template <> struct Fp8Mma<__nv_bfloat16> {
+template <> struct Mma<__nv_bfloat16> {
   // no e4m3 -> bf16 instruction: through f16 (exact: e4m3 values are f16 and bf16 values)
   static __device__ __forceinline__ uint32_t weights(uint16_t pair) {
     const float2 f = __half22float2(bit_cast<__half2>(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
@@ -103,10 +115,45 @@ template <> struct Fp8Mma<__nv_bfloat16> {
   }
 };
 
-struct Fp8GemvArgs {
+// The weights' element type: e4m3, or T itself (fp16/bf16 weights of the activations' dtype).
+struct E4m3 {};
+
+// A lane's 16-byte load of one weight row as B fragments, and its mmas against the A fragments of the same columns
+// (lo: input row g, hi: row g + 8, as words of T2, columns 2i and 2i + 1 in word i). mma j takes the lane's
+// columns 4j .. 4j + 3 as the fragment slots (2t, 2t+1, 2t+8, 2t+9) in A and in B (see Layout).
+template <typename T, typename W> struct WeightFormat;
+template <typename T> struct WeightFormat<T, E4m3> {
+  static constexpr int kColumns = 16;  // per lane and chunk
+  static constexpr int kElementBytes = 1;
+  static __device__ __forceinline__ void mma(const uint4& w, const uint32_t (&lo)[kColumns / 2],
+                                             const uint32_t (&hi)[kColumns / 2], float (&acc)[4]) {
+    const uint32_t wq[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t frag[4] = {lo[2 * j], hi[2 * j], lo[2 * j + 1], hi[2 * j + 1]};
+      Mma<T>::mma(acc, frag, Mma<T>::weights(static_cast<uint16_t>(wq[j] & 0xffffu)),
+                  Mma<T>::weights(static_cast<uint16_t>(wq[j] >> 16)));
+    }
+  }
+};
+template <typename T> struct WeightFormat<T, T> {
+  static constexpr int kColumns = 8;
+  static constexpr int kElementBytes = 2;
+  static __device__ __forceinline__ void mma(const uint4& w, const uint32_t (&lo)[kColumns / 2],
+                                             const uint32_t (&hi)[kColumns / 2], float (&acc)[4]) {
+    const uint32_t wq[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const uint32_t frag[4] = {lo[2 * j], hi[2 * j], lo[2 * j + 1], hi[2 * j + 1]};
+      Mma<T>::mma(acc, frag, wq[2 * j], wq[2 * j + 1]);
+    }
+  }
+};
+
+struct MmaGemvArgs {
   const void* x;          // [rows, K], or [1, 2K] = [gate, up] with kSiluMul
-  const uint8_t* q;       // [N, K] e4m3
-  const float* w_scale;   // [N]
+  const uint8_t* q;       // [N, K] weights: e4m3, or T
+  const float* w_scale;   // [N], or nullptr: 1
   int64_t k_dim, n_dim;
   int rows;
   float rms_eps;
@@ -115,60 +162,72 @@ struct Fp8GemvArgs {
 };
 
 // A lane's streams: its weight row and its input rows (or, with kSiluMul, the gate and up values of its two
-// columns of the chunk) at its first column; chunk c is c * kChunk further on. 32-bit offsets (K < 2^30, checked on
-// the host) keep the per-chunk address arithmetic small. Everything past the rows or the columns reads as zeros.
-template <typename T, bool kSiluMul, bool kHi>
+// columns of the chunk) at its first column; chunk c is c * kChunkColumns further on (c * kChunkBytes in the weight
+// row). 32-bit offsets (K < 2^29, checked on the host: K bytes of fp16 fit an int) keep the per-chunk address arithmetic small. Everything past
+// the rows or the columns reads as zeros.
+template <typename T, typename W, bool kSiluMul, bool kHi>
 struct LaneStreams {
-  static constexpr int kInputVectors = kSiluMul ? 1 : kHi ? 4 : 2;  // 16-byte vectors of input per chunk
-  const uint8_t* weights;  // row g of the block, column 16t
-  int64_t tile_offset;     // from row g of the block's first tile of 8 rows to row g of its second
+  static constexpr int kColumns = WeightFormat<T, W>::kColumns;
+  static constexpr int kWords = kColumns / 2;           // the lane's columns as words of T2
+  static constexpr int kChunkColumns = 4 * kColumns;
+  static constexpr int kRowVectors = kColumns * static_cast<int>(sizeof(T)) / 16;  // 16-byte input vectors per row
+  static constexpr int kInputVectors = kSiluMul ? 1 : kHi ? 2 * kRowVectors : kRowVectors;
+  static_assert(!kSiluMul || kColumns == 16, "the fused activation is laid out for 16 columns per lane");
+  const uint8_t* weights;  // row g of the block, the lane's first byte
+  int64_t tile_offset;     // bytes from row g of the block's first tile of 8 rows to row g of its second
   const T* lo;             // input row g, column 16t (kSiluMul: gate at column 2l)
   const T* hi;             // input row g + 8, column 16t (kSiluMul: up at column 2l)
-  int k_dim, chunks;
-  int weight_column, input_column;  // the lane's first column in a chunk: 16t; 16t, or 2l with kSiluMul
-  bool has_lo, has_hi;              // whether the input rows exist
+  int k_dim, k_bytes, chunks;
+  int weight_byte, input_column;  // the lane's first weight byte and input column in a chunk
+  bool has_lo, has_hi;            // whether the input rows exist
+
+  __device__ __forceinline__ bool weights_in(int c) const { return c * kChunkBytes + weight_byte < k_bytes; }
 
   __device__ __forceinline__ uint4 weights_of(int c) const {
-    const int off = c * kChunk;
-    return off + weight_column < k_dim ? __ldcs(reinterpret_cast<const uint4*>(weights + off))
-                                       : make_uint4(0, 0, 0, 0);
+    return weights_in(c) ? __ldcs(reinterpret_cast<const uint4*>(weights + c * kChunkBytes)) : make_uint4(0, 0, 0, 0);
   }
 
-  // kSiluMul: v[0].x the gate pair, v[0].y the up pair; else v[0..1] row g's 16 values, v[2..3] row g + 8's.
+  // kSiluMul: v[0].x the gate pair, v[0].y the up pair; else row g's kColumns values, then row g + 8's.
   __device__ __forceinline__ void inputs_of(int c, uint4 (&v)[kInputVectors]) const {
 #pragma unroll
     for (auto& e : v) e = make_uint4(0, 0, 0, 0);
-    const int off = c * kChunk;
+    const int off = c * kChunkColumns;
     if (c >= chunks || off + input_column >= k_dim) return;
     if constexpr (kSiluMul) {
       v[0].x = __ldg(reinterpret_cast<const uint32_t*>(lo + off));
       v[0].y = __ldg(reinterpret_cast<const uint32_t*>(hi + off));
     } else {
       if (has_lo) {
-        v[0] = __ldg(reinterpret_cast<const uint4*>(lo + off));
-        v[1] = __ldg(reinterpret_cast<const uint4*>(lo + off) + 1);
+#pragma unroll
+        for (int i = 0; i < kRowVectors; ++i) v[i] = __ldg(reinterpret_cast<const uint4*>(lo + off) + i);
       }
       if constexpr (kHi) {
         if (has_hi) {
-          v[2] = __ldg(reinterpret_cast<const uint4*>(hi + off));
-          v[3] = __ldg(reinterpret_cast<const uint4*>(hi + off) + 1);
+#pragma unroll
+          for (int i = 0; i < kRowVectors; ++i)
+            v[kRowVectors + i] = __ldg(reinterpret_cast<const uint4*>(hi + off) + i);
         }
       }
     }
   }
 };
 
-// 16 values as 8 words of T2, columns 2i and 2i + 1 in word i.
-__device__ __forceinline__ void to_words(const uint4& a, const uint4& b, uint32_t (&words)[8]) {
-  const uint32_t v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+// kVectors 16-byte vectors as words of T2, columns 2i and 2i + 1 in word i.
+template <int kVectors>
+__device__ __forceinline__ void to_words(const uint4* v, uint32_t (&words)[4 * kVectors]) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) words[i] = v[i];
+  for (int i = 0; i < kVectors; ++i) {
+    words[4 * i] = v[i].x;
+    words[4 * i + 1] = v[i].y;
+    words[4 * i + 2] = v[i].z;
+    words[4 * i + 3] = v[i].w;
+  }
 }
 
-template <typename T>
-__device__ __forceinline__ float sum_squares(const uint32_t (&words)[8], float acc) {
+template <typename T, int kWords>
+__device__ __forceinline__ float sum_squares(const uint32_t (&words)[kWords], float acc) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
+  for (int i = 0; i < kWords; ++i) {
     const float2 f = gemv::word_to_float2<T>(words[i]);
     acc = fmaf(f.x, f.x, acc);
     acc = fmaf(f.y, f.y, acc);
@@ -178,7 +237,7 @@ __device__ __forceinline__ float sum_squares(const uint32_t (&words)[8], float a
 
 // The one-row activation of a chunk, spread over the warp: lane l computes columns 2l, 2l+1 of the chunk from its
 // gate and up words, and lane (g, t) takes the 16 columns 16t..16t+15 by shuffles (8 words); rows other than 0
-// (g != 0) get zeros.
+// (g != 0) get zeros. (e4m3 weights only: 16 columns per lane.)
 template <typename T>
 __device__ __forceinline__ void silu_mul_fragment(uint32_t gate, uint32_t up, int lane, uint32_t (&words)[8]) {
   const float2 g = gemv::word_to_float2<T>(gate), u = gemv::word_to_float2<T>(up);
@@ -192,16 +251,19 @@ __device__ __forceinline__ void silu_mul_fragment(uint32_t gate, uint32_t up, in
   }
 }
 
-// A chunk's A fragments for a lane: input rows g and g + 8 at its 16 columns (in) as words of T2 (lo, hi); kNorm
+// A chunk's A fragments for a lane: input rows g and g + 8 at its columns (in) as words of T2 (lo, hi); kNorm
 // adds the rows' squares into sq.
-template <typename T, bool kSiluMul, bool kNorm, bool kHi>
-__device__ __forceinline__ void chunk_inputs(const uint4 (&in)[LaneStreams<T, kSiluMul, kHi>::kInputVectors], int lane,
-                                             uint32_t (&lo)[8], uint32_t (&hi)[8], float (&sq)[2]) {
+template <typename T, typename W, bool kSiluMul, bool kNorm, bool kHi>
+__device__ __forceinline__ void chunk_inputs(const uint4 (&in)[LaneStreams<T, W, kSiluMul, kHi>::kInputVectors],
+                                             int lane, uint32_t (&lo)[LaneStreams<T, W, kSiluMul, kHi>::kWords],
+                                             uint32_t (&hi)[LaneStreams<T, W, kSiluMul, kHi>::kWords],
+                                             float (&sq)[2]) {
+  using Streams = LaneStreams<T, W, kSiluMul, kHi>;
   if constexpr (kSiluMul) {
     silu_mul_fragment<T>(in[0].x, in[0].y, lane, lo);
   } else {
-    to_words(in[0], in[1], lo);
-    if constexpr (kHi) to_words(in[2], in[3], hi);
+    to_words<Streams::kRowVectors>(in, lo);
+    if constexpr (kHi) to_words<Streams::kRowVectors>(in + Streams::kRowVectors, hi);
   }
   if constexpr (kNorm) {
     sq[0] = sum_squares<T>(lo, sq[0]);
@@ -209,31 +271,20 @@ __device__ __forceinline__ void chunk_inputs(const uint4 (&in)[LaneStreams<T, kS
   }
 }
 
-// A chunk's products for a lane: its 16 weights (w) against the A fragments, into acc.
-template <typename T>
-__device__ __forceinline__ void chunk_mma(const uint4& w, const uint32_t (&lo)[8], const uint32_t (&hi)[8],
-                                          float (&acc)[4]) {
-  const uint32_t* wq = reinterpret_cast<const uint32_t*>(&w);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {  // the lane's columns 4j .. 4j + 3
-    const uint32_t frag[4] = {lo[2 * j], hi[2 * j], lo[2 * j + 1], hi[2 * j + 1]};
-    Fp8Mma<T>::mma(acc, frag, Fp8Mma<T>::weights(static_cast<uint16_t>(wq[j] & 0xffffu)),
-                   Fp8Mma<T>::weights(static_cast<uint16_t>(wq[j] >> 16)));
-  }
-}
-
-template <typename T, bool kSiluMul, bool kNorm, bool kHi>
-__device__ __forceinline__ void sum_chunk(const uint4& w, const uint4 (&in)[LaneStreams<T, kSiluMul, kHi>::kInputVectors],
+template <typename T, typename W, bool kSiluMul, bool kNorm, bool kHi>
+__device__ __forceinline__ void sum_chunk(const uint4& w,
+                                          const uint4 (&in)[LaneStreams<T, W, kSiluMul, kHi>::kInputVectors],
                                           int lane, float (&acc)[4], float (&sq)[2]) {
-  uint32_t lo[8], hi[8] = {};
-  chunk_inputs<T, kSiluMul, kNorm, kHi>(in, lane, lo, hi, sq);
-  chunk_mma<T>(w, lo, hi, acc);
+  constexpr int kWords = LaneStreams<T, W, kSiluMul, kHi>::kWords;
+  uint32_t lo[kWords], hi[kWords] = {};
+  chunk_inputs<T, W, kSiluMul, kNorm, kHi>(in, lane, lo, hi, sq);
+  WeightFormat<T, W>::mma(w, lo, hi, acc);
 }
 
 // The block's end: the warps' partial sums (and the norm's sums of squares) added in warp order through shared
 // memory, then out = residual + scale * w_scale * dot for the block's kTiles x 8 weight rows.
 template <typename T, bool kNorm, bool kHi, int kTiles>
-__device__ __forceinline__ void finish_block(const Fp8GemvArgs& a, const float (&acc)[kTiles][2][4], float (&sq)[2]) {
+__device__ __forceinline__ void finish_block(const MmaGemvArgs& a, const float (&acc)[kTiles][2][4], float (&sq)[2]) {
   constexpr int kRows = kTiles * kRowsPerBlock;
   __shared__ float partial[kMaxSplit][kMaxInputRows][kRows];
   __shared__ float partial_sq[kMaxSplit][kMaxInputRows];
@@ -272,36 +323,40 @@ __device__ __forceinline__ void finish_block(const Fp8GemvArgs& a, const float (
       if constexpr (kNorm) ss += partial_sq[v][b];
     }
     const float scale = kNorm && a.rms_eps >= 0.f ? rsqrtf(ss / static_cast<float>(a.k_dim) + a.rms_eps) : 1.f;
+    const float w_scale = a.w_scale != nullptr ? a.w_scale[row] : 1.f;
     const int64_t idx = b * a.n_dim + row;
     const float base = a.residual != nullptr ? to_float(static_cast<const T*>(a.residual)[idx]) : 0.f;
-    static_cast<T*>(a.out)[idx] = from_float<T>(base + scale * (a.w_scale[row] * dot));
+    static_cast<T*>(a.out)[idx] = from_float<T>(base + scale * (w_scale * dot));
   }
 }
 
 // The lane's streams for block blockIdx.x of kTiles x 8 weight rows (see Layout above); `weights` is tile 0's row,
 // tile j's is j * tile_offset bytes further (clamped to the last row).
-template <typename T, bool kSiluMul, bool kHi, int kTiles = 1>
-__device__ __forceinline__ LaneStreams<T, kSiluMul, kHi> lane_streams(const Fp8GemvArgs& a) {
+template <typename T, typename W, bool kSiluMul, bool kHi, int kTiles = 1>
+__device__ __forceinline__ LaneStreams<T, W, kSiluMul, kHi> lane_streams(const MmaGemvArgs& a) {
+  using Streams = LaneStreams<T, W, kSiluMul, kHi>;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int k_dim = static_cast<int>(a.k_dim);
+  const int64_t row_bytes = a.k_dim * WeightFormat<T, W>::kElementBytes;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTiles * kRowsPerBlock;
   const T* x = static_cast<const T*>(a.x);
-  LaneStreams<T, kSiluMul, kHi> streams;
+  Streams streams;
   // rows past N (the last block) read row N - 1 and are not written
-  streams.weights = a.q + min(row0 + g, a.n_dim - 1) * a.k_dim + t * kLaneColumns;
+  streams.weights = a.q + min(row0 + g, a.n_dim - 1) * row_bytes + t * kLaneBytes;
   const int64_t tile1_row = min(row0 + kRowsPerBlock + g, a.n_dim - 1);
-  streams.tile_offset = kTiles > 1 ? (tile1_row - min(row0 + g, a.n_dim - 1)) * a.k_dim : 0;
+  streams.tile_offset = kTiles > 1 ? (tile1_row - min(row0 + g, a.n_dim - 1)) * row_bytes : 0;
   if constexpr (kSiluMul) {
     streams.lo = x + 2 * lane;
     streams.hi = x + a.k_dim + 2 * lane;
   } else {
-    streams.lo = x + static_cast<int64_t>(min(g, a.rows - 1)) * a.k_dim + t * kLaneColumns;
-    streams.hi = x + static_cast<int64_t>(min(g + 8, a.rows - 1)) * a.k_dim + t * kLaneColumns;
+    streams.lo = x + static_cast<int64_t>(min(g, a.rows - 1)) * a.k_dim + t * Streams::kColumns;
+    streams.hi = x + static_cast<int64_t>(min(g + 8, a.rows - 1)) * a.k_dim + t * Streams::kColumns;
   }
   streams.k_dim = k_dim;
-  streams.chunks = (k_dim + kChunk - 1) / kChunk;
-  streams.weight_column = t * kLaneColumns;
-  streams.input_column = kSiluMul ? 2 * lane : t * kLaneColumns;
+  streams.k_bytes = static_cast<int>(row_bytes);
+  streams.chunks = (k_dim + Streams::kChunkColumns - 1) / Streams::kChunkColumns;
+  streams.weight_byte = t * kLaneBytes;
+  streams.input_column = kSiluMul ? 2 * lane : t * Streams::kColumns;
   streams.has_lo = g < a.rows;
   streams.has_hi = g + 8 < a.rows;
   return streams;
@@ -309,11 +364,12 @@ __device__ __forceinline__ LaneStreams<T, kSiluMul, kHi> lane_streams(const Fp8G
 
 // kNorm: accumulate the rows' sums of squares (rms_eps >= 0). kHi: input rows 8..15 present (B > 8). kDepth:
 // chunks per warp and batch. The register path (stages = 1): the next batch's weights in registers.
-template <typename T, bool kSiluMul, bool kNorm, bool kHi, int kDepth>
-__global__ void __launch_bounds__(kMaxSplit * 32) gemv_fp8_kernel(const Fp8GemvArgs a) {
+template <typename T, typename W, bool kSiluMul, bool kNorm, bool kHi, int kDepth>
+__global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_kernel(const MmaGemvArgs a) {
   static_assert(!(kSiluMul && (kNorm || kHi)), "the fused activation is for one row without the norm");
+  using Streams = LaneStreams<T, W, kSiluMul, kHi>;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const LaneStreams<T, kSiluMul, kHi> streams = lane_streams<T, kSiluMul, kHi>(a);
+  const Streams streams = lane_streams<T, W, kSiluMul, kHi>(a);
   const int chunks = streams.chunks, stride = (blockDim.x >> 5) * kDepth;
 
   // Warp w takes kDepth consecutive chunks at a time (chunks (i * split + w) * kDepth + u), their loads issued
@@ -336,18 +392,17 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_fp8_kernel(const Fp8GemvA
 #pragma unroll
     for (int u = 0; u < kDepth; ++u) w[u] = next[u];
     if (c0 + stride < chunks) load_weights(c0 + stride);
-    uint4 in[kDepth][LaneStreams<T, kSiluMul, kHi>::kInputVectors];
+    uint4 in[kDepth][Streams::kInputVectors];
 #pragma unroll
     for (int u = 0; u < kDepth; ++u) streams.inputs_of(c0 + u, in[u]);
 #pragma unroll
     for (int u = 0; u < kDepth; ++u) {
       if (c0 + u >= chunks) break;  // uniform over the warp
-      sum_chunk<T, kSiluMul, kNorm, kHi>(w[u], in[u], lane, acc[0][u & 1], sq);
+      sum_chunk<T, W, kSiluMul, kNorm, kHi>(w[u], in[u], lane, acc[0][u & 1], sq);
     }
   }
   finish_block<T, kNorm, kHi, 1>(a, acc, sq);
 }
-
 // cp.async: 16 bytes from global to shared memory without passing through registers, marked evict-first in L2
 // (as __ldcs marks the register path's weight loads: the weights stream through once, and must not push the
 // inputs, which every block reads again, out of L2); src_bytes 0 writes zeros and reads nothing.
@@ -377,6 +432,58 @@ __device__ __forceinline__ void wait_async(int pending) {
   }
 }
 
+// The ring's copy by whole rows (kLines): a warp's batch is 8 rows x kDepth * 64 contiguous bytes of each of its
+// tiles. The fragment order (lane (g, t) copying its own 16 bytes of each chunk) makes every copy instruction
+// touch 8 rows x 64 bytes, half-lines; here copy instruction i takes rows i * 8 / kDepth .. of the tile whole:
+// lane l copies unit l % (4 kDepth) (16 bytes) of row i * 8 / kDepth + l / (4 kDepth), so with kDepth 2 an
+// instruction reads 4 whole 128-byte lines. A row's units lie side by side in shared memory, the odd rows' swapped
+// in pairs of chunks (unit q at q ^ 4) so that the lanes (g, t) reading chunk u (rows g, units 4u + t) hit distinct
+// banks in each quarter warp.
+template <int kDepth>
+struct RowLines {
+  static constexpr int kUnitsPerRow = 4 * kDepth;
+  static constexpr int kRowsPerCopy = kRowsPerBlock / kDepth;
+  static_assert(kDepth == 1 || kDepth == 2 || kDepth == 4, "a copy instruction takes whole rows");
+  int64_t row0, n_dim, row_bytes;
+  int copy_row, copy_unit;  // the lane's row (in copy 0) and unit
+  int read_base, read_flip;  // the lane's row g start (units) and its chunk swap (odd g)
+
+  __device__ __forceinline__ RowLines(const MmaGemvArgs& a, int element_bytes, int rows_per_block) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    row0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+    n_dim = a.n_dim;
+    row_bytes = a.k_dim * element_bytes;
+    copy_row = lane / kUnitsPerRow;
+    copy_unit = lane % kUnitsPerRow;
+    read_base = g * kUnitsPerRow + t;
+    read_flip = kDepth >= 2 ? (g & 1) : 0;
+  }
+  static __device__ __forceinline__ int swizzled(int row, int unit) {
+    return kDepth >= 2 ? unit ^ ((row & 1) << 2) : unit;
+  }
+  // The warp's units of (stage, tile j).
+  __device__ __forceinline__ int region(int stage, int j, int tiles, int threads) const {
+    const int warps = threads >> 5, warp = threadIdx.x >> 5;
+    return ((stage * tiles + j) * warps + warp) * (kRowsPerBlock * kUnitsPerRow);
+  }
+  __device__ __forceinline__ int write_unit(int i) const {
+    const int row = i * kRowsPerCopy + copy_row;
+    return row * kUnitsPerRow + swizzled(row, copy_unit);
+  }
+  __device__ __forceinline__ int read_unit(int u) const { return read_base + ((u ^ read_flip) << 2); }
+  // Copy i of tile j for the batch at chunk c0: its global source, and whether it exists (else zeros, and a valid
+  // address that is not read).
+  __device__ __forceinline__ bool source(const MmaGemvArgs& a, int c0, int chunks, int i, int j,
+                                         const uint8_t*& src) const {
+    const int64_t row = row0 + j * kRowsPerBlock + i * kRowsPerCopy + copy_row;
+    const int chunk = c0 + copy_unit / 4;
+    const int64_t byte = static_cast<int64_t>(c0) * kChunkBytes + copy_unit * kLaneBytes;
+    const bool ok = row < n_dim && chunk < chunks && byte < row_bytes;
+    src = ok ? a.q + row * row_bytes + byte : a.q;
+    return ok;
+  }
+};
+
 // The ring path (stages >= 2): each lane copies its weights with cp.async into its own slots of a ring in shared
 // memory, `stages` batches ahead, so the weight bytes in flight are bounded by shared memory rather than by
 // registers (the register path keeps one batch in flight). A lane reads back only what it copied, so no barrier
@@ -388,27 +495,44 @@ __device__ __forceinline__ void wait_async(int pending) {
 // kTiles: tiles of 8 weight rows per block, each chunk's A fragments (the inputs) used for all of them, so the
 // inputs read from L1 per weight byte fall by kTiles (with 16 input rows they are 4x the weight bytes at one tile).
 // A row's products, their order and so its bits do not depend on kTiles.
-template <typename T, bool kSiluMul, bool kNorm, bool kHi, int kDepth, int kTiles>
-__global__ void __launch_bounds__(kMaxSplit * 32) gemv_fp8_ring_kernel(const Fp8GemvArgs a, int stages) {
+// kLines: the warp copies its batch by whole rows instead (RowLines below), and each lane reads its fragments'
+// bytes from where other lanes put them.
+template <typename T, typename W, bool kSiluMul, bool kNorm, bool kHi, int kDepth, int kTiles, bool kLines>
+__global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_ring_kernel(const MmaGemvArgs a, int stages) {
   static_assert(!(kSiluMul && (kNorm || kHi)), "the fused activation is for one row without the norm");
-  using Streams = LaneStreams<T, kSiluMul, kHi>;
+  using Streams = LaneStreams<T, W, kSiluMul, kHi>;
   extern __shared__ uint4 ring[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, threads = blockDim.x;
-  const Streams s = lane_streams<T, kSiluMul, kHi, kTiles>(a);
+  const Streams s = lane_streams<T, W, kSiluMul, kHi, kTiles>(a);
   const int chunks = s.chunks, stride = (threads >> 5) * kDepth;
   const uint64_t policy = evict_first_policy();
+  const RowLines<kDepth> lines(a, WeightFormat<T, W>::kElementBytes, kTiles * kRowsPerBlock);
   auto slot = [&](int stage, int u, int j) -> uint4* {
+    if constexpr (kLines) return ring + lines.region(stage, j, kTiles, threads) + lines.read_unit(u);
     return ring + ((stage * kDepth + u) * kTiles + j) * threads + threadIdx.x;
   };
   auto fill = [&](int c0, int stage) {  // batch c0's weights into `stage`, one commit group (empty past the end)
+    if constexpr (kLines) {
 #pragma unroll
-    for (int u = 0; u < kDepth; ++u) {
-      const int c = c0 + u, off = c * kChunk;
-      if (c >= chunks) break;
-      const bool ok = off + s.weight_column < s.k_dim;
+      for (int i = 0; i < kDepth; ++i) {
 #pragma unroll
-      for (int j = 0; j < kTiles; ++j)
-        copy_async16(slot(stage, u, j), s.weights + j * s.tile_offset + (ok ? off : 0), ok, policy);
+        for (int j = 0; j < kTiles; ++j) {
+          const uint8_t* src;
+          const bool ok = lines.source(a, c0, chunks, i, j, src);
+          copy_async16(ring + lines.region(stage, j, kTiles, threads) + lines.write_unit(i), src, ok, policy);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < kDepth; ++u) {
+        const int c = c0 + u;
+        if (c >= chunks) break;
+        const bool ok = s.weights_in(c);
+        const int off = ok ? c * kChunkBytes : 0;
+#pragma unroll
+        for (int j = 0; j < kTiles; ++j)
+          copy_async16(slot(stage, u, j), s.weights + j * s.tile_offset + off, ok, policy);
+      }
     }
     commit_async();
   };
@@ -422,14 +546,16 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_fp8_ring_kernel(const Fp8
 #pragma unroll
     for (int u = 0; u < kDepth; ++u) s.inputs_of(c0 + u, in[u]);
     wait_async(stages - 1);
+    if constexpr (kLines) __syncwarp();  // the other lanes' copies, seen by this one
 #pragma unroll
     for (int u = 0; u < kDepth; ++u) {
       if (c0 + u >= chunks) break;  // uniform over the warp
-      uint32_t lo[8], hi[8] = {};
-      chunk_inputs<T, kSiluMul, kNorm, kHi>(in[u], lane, lo, hi, sq);
+      uint32_t lo[Streams::kWords], hi[Streams::kWords] = {};
+      chunk_inputs<T, W, kSiluMul, kNorm, kHi>(in[u], lane, lo, hi, sq);
 #pragma unroll
-      for (int j = 0; j < kTiles; ++j) chunk_mma<T>(*slot(stage, u, j), lo, hi, acc[j][u & 1]);
+      for (int j = 0; j < kTiles; ++j) WeightFormat<T, W>::mma(*slot(stage, u, j), lo, hi, acc[j][u & 1]);
     }
+    if constexpr (kLines) __syncwarp();  // every lane's reads of the stage done before it is refilled
     fill(c0 + stages * stride, stage);
     stage = stage + 1 == stages ? 0 : stage + 1;
   }
@@ -492,16 +618,17 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const T* _
 
 // How a call runs: warps per block, chunks per warp and batch, batches in flight, tiles of 8 weight rows per
 // block (the lab's knobs; the defaults above).
-struct Fp8GemvShape {
+struct MmaGemvShape {
   int split, depth, stages, tiles;
+  bool lines;  // the ring's copies by whole rows (RowLines)
 };
 
-template <typename T, bool kSiluMul, bool kNorm, bool kHi, int kDepth, int kTiles>
-void launch_ring(const Fp8GemvArgs& a, Fp8GemvShape shape, cudaStream_t stream) {
+template <typename T, typename W, bool kSiluMul, bool kNorm, bool kHi, int kDepth, int kTiles, bool kLines>
+void launch_ring(const MmaGemvArgs& a, MmaGemvShape shape, cudaStream_t stream) {
   const int64_t blocks = (a.n_dim + kTiles * kRowsPerBlock - 1) / (kTiles * kRowsPerBlock);
-  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "gemv_fp8: weight has too many rows");
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "gemv_mma: weight has too many rows");
   const int threads = shape.split * 32;
-  const auto kernel = gemv_fp8_ring_kernel<T, kSiluMul, kNorm, kHi, kDepth, kTiles>;
+  const auto kernel = gemv_mma_ring_kernel<T, W, kSiluMul, kNorm, kHi, kDepth, kTiles, kLines>;
   const size_t ring_bytes = static_cast<size_t>(shape.stages) * kDepth * kTiles * threads * sizeof(uint4);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(ring_bytes)));
@@ -509,103 +636,155 @@ void launch_ring(const Fp8GemvArgs& a, Fp8GemvShape shape, cudaStream_t stream) 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, bool kSiluMul, bool kNorm, bool kHi, int kDepth>
-void launch_depth(const Fp8GemvArgs& a, Fp8GemvShape shape, cudaStream_t stream) {
+template <typename T, typename W, bool kSiluMul, bool kNorm, bool kHi, int kDepth>
+void launch_depth(const MmaGemvArgs& a, MmaGemvShape shape, cudaStream_t stream) {
   if (shape.stages > 1) {
     if constexpr (kDepth <= 2) {
-      if (shape.tiles == 2) return launch_ring<T, kSiluMul, kNorm, kHi, kDepth, 2>(a, shape, stream);
+      if (shape.tiles == 2) {
+        if (shape.lines) return launch_ring<T, W, kSiluMul, kNorm, kHi, kDepth, 2, true>(a, shape, stream);
+        return launch_ring<T, W, kSiluMul, kNorm, kHi, kDepth, 2, false>(a, shape, stream);
+      }
     }
-    return launch_ring<T, kSiluMul, kNorm, kHi, kDepth, 1>(a, shape, stream);
+    if (shape.lines) return launch_ring<T, W, kSiluMul, kNorm, kHi, kDepth, 1, true>(a, shape, stream);
+    return launch_ring<T, W, kSiluMul, kNorm, kHi, kDepth, 1, false>(a, shape, stream);
   }
   const int64_t blocks = (a.n_dim + kRowsPerBlock - 1) / kRowsPerBlock;
-  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "gemv_fp8: weight has too many rows");
-  gemv_fp8_kernel<T, kSiluMul, kNorm, kHi, kDepth><<<static_cast<int>(blocks), shape.split * 32, 0, stream>>>(a);
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "gemv_mma: weight has too many rows");
+  gemv_mma_kernel<T, W, kSiluMul, kNorm, kHi, kDepth><<<static_cast<int>(blocks), shape.split * 32, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, bool kSiluMul, bool kNorm, bool kHi>
-void launch_gemv_fp8(const Fp8GemvArgs& a, Fp8GemvShape shape, cudaStream_t stream) {
-  if (shape.depth == 1) return launch_depth<T, kSiluMul, kNorm, kHi, 1>(a, shape, stream);
-  if (shape.depth == 2) return launch_depth<T, kSiluMul, kNorm, kHi, 2>(a, shape, stream);
-  launch_depth<T, kSiluMul, kNorm, kHi, 4>(a, shape, stream);  // 4, checked on entry
+template <typename T, typename W, bool kSiluMul, bool kNorm, bool kHi>
+void launch_shape(const MmaGemvArgs& a, MmaGemvShape shape, cudaStream_t stream) {
+  if (shape.depth == 1) return launch_depth<T, W, kSiluMul, kNorm, kHi, 1>(a, shape, stream);
+  if (shape.depth == 2) return launch_depth<T, W, kSiluMul, kNorm, kHi, 2>(a, shape, stream);
+  launch_depth<T, W, kSiluMul, kNorm, kHi, 4>(a, shape, stream);  // 4, checked on entry
 }
 
-template <typename T>
-void dispatch_gemv_fp8(const Fp8GemvArgs& a, bool silu_mul, Fp8GemvShape shape, cudaStream_t stream) {
+// fp16/bf16 weights, of the activations' dtype: W = T in the kernels.
+struct InputDtype {};
+
+// silu_mul in the kernel only for e4m3 weights and one row (the caller computes it first otherwise).
+template <typename T, typename W>
+void dispatch_gemv_mma(const MmaGemvArgs& a, bool silu_mul, MmaGemvShape shape, cudaStream_t stream) {
   const bool norm = a.rms_eps >= 0.f, hi = a.rows > kRowsPerBlock;
-  if (silu_mul) return launch_gemv_fp8<T, true, false, false>(a, shape, stream);
-  if (norm && hi) return launch_gemv_fp8<T, false, true, true>(a, shape, stream);
-  if (norm) return launch_gemv_fp8<T, false, true, false>(a, shape, stream);
-  if (hi) return launch_gemv_fp8<T, false, false, true>(a, shape, stream);
-  launch_gemv_fp8<T, false, false, false>(a, shape, stream);
+  if constexpr (std::is_same_v<W, E4m3>) {
+    if (silu_mul) return launch_shape<T, W, true, false, false>(a, shape, stream);
+  }
+  if (norm && hi) return launch_shape<T, W, false, true, true>(a, shape, stream);
+  if (norm) return launch_shape<T, W, false, true, false>(a, shape, stream);
+  if (hi) return launch_shape<T, W, false, false, true>(a, shape, stream);
+  launch_shape<T, W, false, false, false>(a, shape, stream);
 }
 
 bool half_or_bf16(const torch::Tensor& t) {
   return t.scalar_type() == torch::kFloat16 || t.scalar_type() == torch::kBFloat16;
 }
 
-}  // namespace
-
-bool gemv_fp8_supported(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
-  if (!x.is_cuda() || !half_or_bf16(x) || x.dim() != 2 || x.size(0) < 1 || x.size(0) > kMaxInputRows ||
-      !x.is_contiguous() || q.dim() != 2 || q.scalar_type() != torch::kFloat8_e4m3fn || q.device() != x.device() ||
-      !q.is_contiguous() || scale.dim() != 1 || scale.scalar_type() != torch::kFloat32 || scale.device() != x.device() ||
-      !scale.is_contiguous() || scale.numel() != q.size(0))
-    return false;
-  const int64_t k_dim = q.size(1);
-  return q.size(0) > 0 && k_dim > 0 && k_dim % kLaneColumns == 0 && k_dim < (int64_t{1} << 30) &&
-         (x.size(1) == k_dim || x.size(1) == 2 * k_dim) && gemv::aligned16(x) && gemv::aligned16(q);
-}
-
-void gemv_fp8_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, double rms_eps,
-                   bool silu_mul, const c10::optional<torch::Tensor>& residual, const torch::Tensor& out,
-                   int64_t split, int64_t depth, int64_t stages, int64_t tiles) {
-  // Literal messages only: in this build a failing TORCH_CHECK whose message is formatted in a .cu file (c10::str
-  // building a std::string here) crashed the process instead of raising (measured on the H100 with gemv's own
-  // check, 2026-11-23); a literal message is passed to libtorch as it is.
-  TORCH_CHECK(gemv_fp8_supported(x, q, scale),
-              "gemv_fp8: x must be a contiguous fp16/bf16 [B, K] (or [B, 2K] with silu_mul), 1 <= B <= 16, q a "
-              "contiguous float8_e4m3fn [N, K] and scale a contiguous float32 [N] on x's device, K % 16 == 0 and "
-              "K < 2^30, x and q 16-byte aligned");
-  const int64_t rows = x.size(0), k_dim = q.size(1), n_dim = q.size(0);
+// The checks and the launch that both weight formats share: x [B, K] (or [B, 2K] with silu_mul), weight bytes
+// `q` of an [N, K] matrix, w_scale [N] or nullptr. Literal messages only: in this build a failing TORCH_CHECK whose
+// message is formatted in a .cu file (c10::str building a std::string here) crashed the process instead of raising
+// (measured on the H100 with gemv's own check, 2026-11-23); a literal message is passed to libtorch as it is.
+template <typename W>
+void run_gemv_mma(const torch::Tensor& x, const void* q, const float* w_scale, int64_t n_dim, int64_t k_dim,
+                  const torch::Tensor& weight, double rms_eps, bool silu_mul,
+                  const c10::optional<torch::Tensor>& residual, const torch::Tensor& out, int64_t split, int64_t depth,
+                  int64_t stages, int64_t tiles, int64_t copy_order) {
+  const int64_t rows = x.size(0);
   TORCH_CHECK(x.size(1) == (silu_mul ? 2 * k_dim : k_dim),
-              "gemv_fp8: x must be [B, K] (K = q's columns), or [B, 2K] = [gate, up] with silu_mul");
-  TORCH_CHECK(!(silu_mul && rms_eps >= 0), "gemv_fp8: the norm and silu_mul do not combine");
-  TORCH_CHECK(split >= 0 && split <= kMaxSplit, "gemv_fp8: split must be 0 (the default) to 8");
+              "gemv_mma: x must be [B, K] (K = the weight's columns), or [B, 2K] = [gate, up] with silu_mul");
+  TORCH_CHECK(!(silu_mul && rms_eps >= 0), "gemv_mma: the norm and silu_mul do not combine");
+  TORCH_CHECK(split >= 0 && split <= kMaxSplit, "gemv_mma: split must be 0 (the default) to 8");
   TORCH_CHECK(depth == 0 || depth == 1 || depth == 2 || depth == 4,
-              "gemv_fp8: depth must be 0 (the default), 1, 2 or 4");
-  TORCH_CHECK(stages >= 0 && stages <= kMaxStages, "gemv_fp8: stages must be 0 (the default) to 8");
-  TORCH_CHECK(tiles >= 0 && tiles <= 2, "gemv_fp8: tiles must be 0 (the default), 1 or 2");
+              "gemv_mma: depth must be 0 (the default), 1, 2 or 4");
+  TORCH_CHECK(stages >= 0 && stages <= kMaxStages, "gemv_mma: stages must be 0 (the default) to 8");
+  TORCH_CHECK(tiles >= 0 && tiles <= 2, "gemv_mma: tiles must be 0 (the default), 1 or 2");
+  TORCH_CHECK(copy_order >= 0 && copy_order <= 2, "gemv_mma: copy_order must be 0 (the default), 1 or 2");
   gemv::check_rows_tensor(out, x, rows, n_dim);
-  TORCH_CHECK(!gemv::overlaps(out, x) && !gemv::overlaps(out, q) && !gemv::overlaps(out, scale),
-              "gemv_fp8: out must not overlap x, q or scale");
+  TORCH_CHECK(!gemv::overlaps(out, x) && !gemv::overlaps(out, weight),
+              "gemv_mma: out must not overlap x or the weight");
   if (residual) {
     gemv::check_rows_tensor(*residual, x, rows, n_dim);
     TORCH_CHECK(residual->data_ptr() == out.data_ptr() || !gemv::overlaps(*residual, out),
-                "gemv_fp8: residual must be out itself (in place) or not overlap it");
+                "gemv_mma: residual must be out itself (in place) or not overlap it");
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool half = x.scalar_type() == torch::kFloat16;
-  Fp8GemvArgs args{x.data_ptr(), static_cast<const uint8_t*>(q.data_ptr()), scale.data_ptr<float>(), k_dim, n_dim,
-                   static_cast<int>(rows), static_cast<float>(rms_eps), residual ? residual->data_ptr() : nullptr,
-                   out.data_ptr()};
-  // with silu_mul and several rows, the activation is computed once for all blocks (kept alive to the launch)
-  const torch::Tensor act = silu_mul && rows > 1 ? gemv::silu_mul_rows(x, k_dim, stream) : torch::Tensor();
+  MmaGemvArgs args{x.data_ptr(), static_cast<const uint8_t*>(q), w_scale, k_dim, n_dim, static_cast<int>(rows),
+                   static_cast<float>(rms_eps), residual ? residual->data_ptr() : nullptr, out.data_ptr()};
+  // the activation is computed once for all blocks (kept alive to the launch), except for one row and e4m3
+  // weights, whose kernel computes it (see Batch invariance)
+  const bool act_first = silu_mul && (rows > 1 || !std::is_same_v<W, E4m3>);
+  const torch::Tensor act = act_first ? gemv::silu_mul_rows(x, k_dim, stream) : torch::Tensor();
   if (act.defined()) {
     args.x = act.data_ptr();
     silu_mul = false;
   }
-  Fp8GemvShape shape{split != 0 ? static_cast<int>(split) : kDefaultSplit,
-                     depth != 0 ? static_cast<int>(depth) : kDefaultDepth,
+  constexpr bool e4m3 = std::is_same_v<W, E4m3>;
+  const int default_tiles = e4m3 && rows > kRowsPerBlock ? kDefaultTilesPast8Rows : 1;
+  MmaGemvShape shape{split != 0 ? static_cast<int>(split) : kDefaultSplit,
+                     depth != 0 ? static_cast<int>(depth) : e4m3 ? kDefaultDepth : kDefaultDepthInputDtype,
                      stages != 0 ? static_cast<int>(stages) : kDefaultStages,
-                     tiles != 0 ? static_cast<int>(tiles) : rows > kRowsPerBlock ? kDefaultTilesPast8Rows : 1};
+                     tiles != 0 ? static_cast<int>(tiles) : default_tiles,
+                     copy_order != 0 ? copy_order == 2 : !e4m3};
   // 2 tiles take the ring with 1 or 2 chunks per batch. The ring's slots then take at most 8 stages x 2 chunks x
   // 2 tiles (or 4 chunks x 1 tile) x 256 threads x 16 B = 128 KiB, within the 227 KiB a Hopper block may take.
   TORCH_CHECK(shape.tiles == 1 || (shape.stages > 1 && shape.depth <= 2),
-              "gemv_fp8: 2 tiles need the ring (stages >= 2) and depth 1 or 2");
-  if (half) dispatch_gemv_fp8<__half>(args, silu_mul, shape, stream);
-  else dispatch_gemv_fp8<__nv_bfloat16>(args, silu_mul, shape, stream);
+              "gemv_mma: 2 tiles need the ring (stages >= 2) and depth 1 or 2");
+  if constexpr (std::is_same_v<W, E4m3>) {
+    if (half) dispatch_gemv_mma<__half, E4m3>(args, silu_mul, shape, stream);
+    else dispatch_gemv_mma<__nv_bfloat16, E4m3>(args, silu_mul, shape, stream);
+  } else {
+    if (half) dispatch_gemv_mma<__half, __half>(args, silu_mul, shape, stream);
+    else dispatch_gemv_mma<__nv_bfloat16, __nv_bfloat16>(args, silu_mul, shape, stream);
+  }
+}
+
+// x's shape, dtype, device and alignment as every tensor-core GEMV call needs them, against a weight of K columns.
+bool mma_input_supported(const torch::Tensor& x, int64_t k_dim) {
+  return x.is_cuda() && half_or_bf16(x) && x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxInputRows &&
+         x.is_contiguous() && k_dim > 0 && k_dim < (int64_t{1} << 29) && (x.size(1) == k_dim || x.size(1) == 2 * k_dim) &&
+         gemv::aligned16(x);
+}
+
+}  // namespace
+
+bool gemv_fp8_supported(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
+  if (q.dim() != 2 || q.scalar_type() != torch::kFloat8_e4m3fn || !q.is_contiguous() || q.size(0) < 1 ||
+      !mma_input_supported(x, q.size(1)) || q.device() != x.device() || scale.dim() != 1 ||
+      scale.scalar_type() != torch::kFloat32 || scale.device() != x.device() || !scale.is_contiguous() ||
+      scale.numel() != q.size(0))
+    return false;
+  return q.size(1) % 16 == 0 && gemv::aligned16(q);
+}
+
+void gemv_fp8_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, double rms_eps,
+                   bool silu_mul, const c10::optional<torch::Tensor>& residual, const torch::Tensor& out,
+                   int64_t split, int64_t depth, int64_t stages, int64_t tiles, int64_t copy_order) {
+  TORCH_CHECK(gemv_fp8_supported(x, q, scale),
+              "gemv_fp8: x must be a contiguous fp16/bf16 [B, K] (or [B, 2K] with silu_mul), 1 <= B <= 16, q a "
+              "contiguous float8_e4m3fn [N, K] and scale a contiguous float32 [N] on x's device, K % 16 == 0 and "
+              "K < 2^29, x and q 16-byte aligned");
+  TORCH_CHECK(!gemv::overlaps(out, scale), "gemv_fp8: out must not overlap scale");
+  run_gemv_mma<E4m3>(x, q.data_ptr(), scale.data_ptr<float>(), q.size(0), q.size(1), q, rms_eps, silu_mul, residual,
+                     out, split, depth, stages, tiles, copy_order);
+}
+
+bool gemv_mma_supported(const torch::Tensor& x, const torch::Tensor& weight) {
+  return weight.dim() == 2 && weight.size(0) >= 1 && mma_input_supported(x, weight.size(1)) &&
+         weight.scalar_type() == x.scalar_type() && weight.device() == x.device() && weight.is_contiguous() &&
+         weight.size(1) % 8 == 0 && gemv::aligned16(weight);
+}
+
+void gemv_mma_cuda(const torch::Tensor& x, const torch::Tensor& weight, double rms_eps, bool silu_mul,
+                   const c10::optional<torch::Tensor>& residual, const torch::Tensor& out, int64_t split,
+                   int64_t depth, int64_t stages, int64_t tiles, int64_t copy_order) {
+  TORCH_CHECK(gemv_mma_supported(x, weight),
+              "gemv_mma: x must be a contiguous fp16/bf16 [B, K] (or [B, 2K] with silu_mul), 1 <= B <= 16, weight a "
+              "contiguous [N, K] of x's dtype on x's device, K % 8 == 0 and K < 2^29, both 16-byte aligned");
+  run_gemv_mma<InputDtype>(x, weight.data_ptr(), nullptr, weight.size(0), weight.size(1), weight, rms_eps, silu_mul,
+                     residual, out, split, depth, stages, tiles, copy_order);
 }
 
 void quantize_rows_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
