@@ -3,7 +3,7 @@
 1. The decode step's GEMV chain in one CUDA graph, as the product runs it (bench/lab/gemv_rows.py's chain):
    per layer qkv 12288 x 4096 (norm fused), o 4096 x 4096 (residual in place), gate_up 22016 x 4096 (norm
    fused), down 4096 x 11008 (silu_mul of gate_up, residual in place); 32 layers, each with its own weights;
-   then the lm head 32000 x 4096 (norm fused), fp8 too. hjcg's fp8 GEMV (csrc/gemv_fp8_cuda.cu) at 1, 2, 4, 8
+   then the lm head 32000 x 4096 (norm fused), fp8 too. hjcg's fp8 GEMV (csrc/gemv_mma_cuda.cu) at 1, 2, 4, 8
    and 16 rows, for each warps-per-block split; TB/s = weight bytes (e4m3 values and their float32 scales) / time,
    against the device copy rate. Beside it the fp16 chain (the fp16 GEMV, 1..8 rows) over the same weights
    before quantization, each shape alone, and whether stream 0's logits are bit-identical at every row count.
