@@ -35,9 +35,9 @@ FP8_PREFILL_BUCKETS = (16, *DEFAULT_PREFILL_BUCKETS)
 # The default buckets twice (a graph for one prompt and one for prompts packed together: hjcg.packing), and per
 # batch bucket (1, 2, 4, ..., 32) a decode graph and the two halves of a constrained step.
 DEFAULT_GRAPH_CACHE_ENTRIES = 56
+DEFAULT_GRAPH_CACHE_MIB = 2048
 # The most rows the tensor-core GEMV (csrc/gemv_mma_cuda.cu: the mma's m) takes, over fp16/bf16 weights as over fp8.
 MMA_GEMV_MAX_ROWS = 16
-DEFAULT_GRAPH_CACHE_MIB = 2048
 
 
 @dataclass(slots=True)

@@ -97,7 +97,7 @@ class GraphRunner(EagerRunner):
         if fused:
             model.fold_norm_weights()
         ops: LayerOps = (FusedCudaOps(config.gemv_max_rows, mma_gemv_max_rows=config.mma_gemv_max_rows)
-                               if fused else LayerOps())
+                         if fused else LayerOps())
         self.buckets = list(config.prefill_buckets)
         super().__init__(model, cache, max(batch_buckets), config.max_context + self.buckets[-1], self.buckets[-1],
                          ops, kernel_sampler=fused)
