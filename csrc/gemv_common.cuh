@@ -51,6 +51,15 @@ inline bool overlaps(const torch::Tensor& a, const torch::Tensor& b) {
   return a.numel() > 0 && b.numel() > 0 && pa < pb + b.nbytes() && pb < pa + a.nbytes();
 }
 
+// A GEMV's input as every weight-streaming GEMV reads it: a contiguous, 16-byte aligned fp16/bf16 CUDA [B, K], or
+// [B, 2K] (a gate/up pair for silu_mul), 1 <= B <= max_rows, against a weight of K > 0 columns.
+inline bool input_supported(const torch::Tensor& x, int64_t k_dim, int64_t max_rows) {
+  const auto t = x.scalar_type();
+  return x.is_cuda() && (t == torch::kFloat16 || t == torch::kBFloat16) && x.dim() == 2 && x.size(0) >= 1 &&
+         x.size(0) <= max_rows && x.is_contiguous() && k_dim > 0 && (x.size(1) == k_dim || x.size(1) == 2 * k_dim) &&
+         aligned16(x);
+}
+
 // A GEMV's out or residual: a contiguous [rows, n] of x's dtype on x's device. (A literal message: see
 // gemv_fp8_cuda.)
 inline void check_rows_tensor(const torch::Tensor& t, const torch::Tensor& x, int64_t rows, int64_t n) {

@@ -267,14 +267,9 @@ void dispatch(const GemvArgs& a, int64_t rows, bool silu_mul, cudaStream_t strea
 }  // namespace
 
 bool gemv_supported(const torch::Tensor& x, const torch::Tensor& weight) {
-  const auto t = x.scalar_type();
-  if (!x.is_cuda() || (t != torch::kFloat16 && t != torch::kBFloat16) || x.dim() != 2 || x.size(0) < 1 ||
-      x.size(0) > kMaxInputRows || !x.is_contiguous() || weight.dim() != 2 || weight.scalar_type() != t ||
-      weight.device() != x.device() || !weight.is_contiguous())
-    return false;
-  const int64_t k_dim = weight.size(1);
-  return weight.size(0) > 0 && k_dim > 0 && k_dim % 8 == 0 && (x.size(1) == k_dim || x.size(1) == 2 * k_dim) &&
-         gemv::aligned16(x) && gemv::aligned16(weight);  // 16-byte loads
+  return weight.dim() == 2 && weight.size(0) > 0 && gemv::input_supported(x, weight.size(1), kMaxInputRows) &&
+         weight.scalar_type() == x.scalar_type() && weight.device() == x.device() && weight.is_contiguous() &&
+         weight.size(1) % 8 == 0 && gemv::aligned16(weight);  // 16-byte loads
 }
 
 void gemv_cuda(const torch::Tensor& x, const torch::Tensor& weight, double rms_eps, bool silu_mul,

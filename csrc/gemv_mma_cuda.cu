@@ -118,37 +118,41 @@ template <> struct Mma<__nv_bfloat16> {
 // The weights' element type: e4m3, or T itself (fp16/bf16 weights of the activations' dtype).
 struct E4m3 {};
 
-// A lane's 16-byte load of one weight row as B fragments, and its mmas against the A fragments of the same columns
-// (lo: input row g, hi: row g + 8, as words of T2, columns 2i and 2i + 1 in word i). mma j takes the lane's
-// columns 4j .. 4j + 3 as the fragment slots (2t, 2t+1, 2t+8, 2t+9) in A and in B (see Layout).
+// A lane's 16-byte load of one weight row (words wq) as B fragments: columns 4j .. 4j + 3 of the lane's as two words
+// of T2 (b0: 4j, 4j + 1; b1: 4j + 2, 4j + 3), for mma j of WeightFormat's kColumns / 4.
 template <typename T, typename W> struct WeightFormat;
 template <typename T> struct WeightFormat<T, E4m3> {
   static constexpr int kColumns = 16;  // per lane and chunk
   static constexpr int kElementBytes = 1;
-  static __device__ __forceinline__ void mma(const uint4& w, const uint32_t (&lo)[kColumns / 2],
-                                             const uint32_t (&hi)[kColumns / 2], float (&acc)[4]) {
-    const uint32_t wq[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t frag[4] = {lo[2 * j], hi[2 * j], lo[2 * j + 1], hi[2 * j + 1]};
-      Mma<T>::mma(acc, frag, Mma<T>::weights(static_cast<uint16_t>(wq[j] & 0xffffu)),
-                  Mma<T>::weights(static_cast<uint16_t>(wq[j] >> 16)));
-    }
+  static __device__ __forceinline__ void b_fragments(const uint32_t (&wq)[4], int j, uint32_t& b0, uint32_t& b1) {
+    b0 = Mma<T>::weights(static_cast<uint16_t>(wq[j] & 0xffffu));
+    b1 = Mma<T>::weights(static_cast<uint16_t>(wq[j] >> 16));
   }
 };
 template <typename T> struct WeightFormat<T, T> {
   static constexpr int kColumns = 8;
   static constexpr int kElementBytes = 2;
-  static __device__ __forceinline__ void mma(const uint4& w, const uint32_t (&lo)[kColumns / 2],
-                                             const uint32_t (&hi)[kColumns / 2], float (&acc)[4]) {
-    const uint32_t wq[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const uint32_t frag[4] = {lo[2 * j], hi[2 * j], lo[2 * j + 1], hi[2 * j + 1]};
-      Mma<T>::mma(acc, frag, wq[2 * j], wq[2 * j + 1]);
-    }
+  static __device__ __forceinline__ void b_fragments(const uint32_t (&wq)[4], int j, uint32_t& b0, uint32_t& b1) {
+    b0 = wq[2 * j];
+    b1 = wq[2 * j + 1];
   }
 };
+
+// A chunk's mmas for a lane: its 16-byte weight load w against the A fragments of the same columns (lo: input row g,
+// hi: row g + 8, as words of T2, columns 2i and 2i + 1 in word i). mma j takes the lane's columns 4j .. 4j + 3 as the
+// fragment slots (2t, 2t+1, 2t+8, 2t+9) in A and in B (see Layout).
+template <typename T, typename W>
+__device__ __forceinline__ void chunk_mma(const uint4& w, const uint32_t (&lo)[WeightFormat<T, W>::kColumns / 2],
+                                          const uint32_t (&hi)[WeightFormat<T, W>::kColumns / 2], float (&acc)[4]) {
+  const uint32_t wq[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int j = 0; j < WeightFormat<T, W>::kColumns / 4; ++j) {
+    const uint32_t frag[4] = {lo[2 * j], hi[2 * j], lo[2 * j + 1], hi[2 * j + 1]};
+    uint32_t b0, b1;
+    WeightFormat<T, W>::b_fragments(wq, j, b0, b1);
+    Mma<T>::mma(acc, frag, b0, b1);
+  }
+}
 
 struct MmaGemvArgs {
   const void* x;          // [rows, K], or [1, 2K] = [gate, up] with kSiluMul
@@ -163,8 +167,8 @@ struct MmaGemvArgs {
 
 // A lane's streams: its weight row and its input rows (or, with kSiluMul, the gate and up values of its two
 // columns of the chunk) at its first column; chunk c is c * kChunkColumns further on (c * kChunkBytes in the weight
-// row). 32-bit offsets (K < 2^29, checked on the host: K bytes of fp16 fit an int) keep the per-chunk address arithmetic small. Everything past
-// the rows or the columns reads as zeros.
+// row). 32-bit offsets (K < 2^29, checked on the host: K bytes of fp16 fit an int) keep the per-chunk address
+// arithmetic small. Everything past the rows or the columns reads as zeros.
 template <typename T, typename W, bool kSiluMul, bool kHi>
 struct LaneStreams {
   static constexpr int kColumns = WeightFormat<T, W>::kColumns;
@@ -175,8 +179,8 @@ struct LaneStreams {
   static_assert(!kSiluMul || kColumns == 16, "the fused activation is laid out for 16 columns per lane");
   const uint8_t* weights;  // row g of the block, the lane's first byte
   int64_t tile_offset;     // bytes from row g of the block's first tile of 8 rows to row g of its second
-  const T* lo;             // input row g, column 16t (kSiluMul: gate at column 2l)
-  const T* hi;             // input row g + 8, column 16t (kSiluMul: up at column 2l)
+  const T* lo;             // input row g, column t * kColumns (kSiluMul: gate at column 2l)
+  const T* hi;             // input row g + 8, column t * kColumns (kSiluMul: up at column 2l)
   int k_dim, k_bytes, chunks;
   int weight_byte, input_column;  // the lane's first weight byte and input column in a chunk
   bool has_lo, has_hi;            // whether the input rows exist
@@ -278,7 +282,7 @@ __device__ __forceinline__ void sum_chunk(const uint4& w,
   constexpr int kWords = LaneStreams<T, W, kSiluMul, kHi>::kWords;
   uint32_t lo[kWords], hi[kWords] = {};
   chunk_inputs<T, W, kSiluMul, kNorm, kHi>(in, lane, lo, hi, sq);
-  WeightFormat<T, W>::mma(w, lo, hi, acc);
+  chunk_mma<T, W>(w, lo, hi, acc);
 }
 
 // The block's end: the warps' partial sums (and the norm's sums of squares) added in warp order through shared
@@ -448,11 +452,11 @@ struct RowLines {
   int copy_row, copy_unit;  // the lane's row (in copy 0) and unit
   int read_base, read_flip;  // the lane's row g start (units) and its chunk swap (odd g)
 
-  __device__ __forceinline__ RowLines(const MmaGemvArgs& a, int element_bytes, int rows_per_block) {
+  __device__ __forceinline__ RowLines(const MmaGemvArgs& a, int64_t weight_row_bytes, int rows_per_block) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     row0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
     n_dim = a.n_dim;
-    row_bytes = a.k_dim * element_bytes;
+    row_bytes = weight_row_bytes;
     copy_row = lane / kUnitsPerRow;
     copy_unit = lane % kUnitsPerRow;
     read_base = g * kUnitsPerRow + t;
@@ -472,13 +476,11 @@ struct RowLines {
   }
   __device__ __forceinline__ int read_unit(int u) const { return read_base + ((u ^ read_flip) << 2); }
   // Copy i of tile j for the batch at chunk c0: its global source, and whether it exists (else zeros, and a valid
-  // address that is not read).
-  __device__ __forceinline__ bool source(const MmaGemvArgs& a, int c0, int chunks, int i, int j,
-                                         const uint8_t*& src) const {
+  // address that is not read). A byte within the row is within the row's chunks.
+  __device__ __forceinline__ bool source(const MmaGemvArgs& a, int c0, int i, int j, const uint8_t*& src) const {
     const int64_t row = row0 + j * kRowsPerBlock + i * kRowsPerCopy + copy_row;
-    const int chunk = c0 + copy_unit / 4;
     const int64_t byte = static_cast<int64_t>(c0) * kChunkBytes + copy_unit * kLaneBytes;
-    const bool ok = row < n_dim && chunk < chunks && byte < row_bytes;
+    const bool ok = row < n_dim && byte < row_bytes;
     src = ok ? a.q + row * row_bytes + byte : a.q;
     return ok;
   }
@@ -506,7 +508,7 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_ring_kernel(const Mma
   const Streams s = lane_streams<T, W, kSiluMul, kHi, kTiles>(a);
   const int chunks = s.chunks, stride = (threads >> 5) * kDepth;
   const uint64_t policy = evict_first_policy();
-  const RowLines<kDepth> lines(a, WeightFormat<T, W>::kElementBytes, kTiles * kRowsPerBlock);
+  const RowLines<kDepth> lines(a, s.k_bytes, kTiles * kRowsPerBlock);
   auto slot = [&](int stage, int u, int j) -> uint4* {
     if constexpr (kLines) return ring + lines.region(stage, j, kTiles, threads) + lines.read_unit(u);
     return ring + ((stage * kDepth + u) * kTiles + j) * threads + threadIdx.x;
@@ -518,7 +520,7 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_ring_kernel(const Mma
 #pragma unroll
         for (int j = 0; j < kTiles; ++j) {
           const uint8_t* src;
-          const bool ok = lines.source(a, c0, chunks, i, j, src);
+          const bool ok = lines.source(a, c0, i, j, src);
           copy_async16(ring + lines.region(stage, j, kTiles, threads) + lines.write_unit(i), src, ok, policy);
         }
       }
@@ -553,7 +555,7 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_ring_kernel(const Mma
       uint32_t lo[Streams::kWords], hi[Streams::kWords] = {};
       chunk_inputs<T, W, kSiluMul, kNorm, kHi>(in[u], lane, lo, hi, sq);
 #pragma unroll
-      for (int j = 0; j < kTiles; ++j) WeightFormat<T, W>::mma(*slot(stage, u, j), lo, hi, acc[j][u & 1]);
+      for (int j = 0; j < kTiles; ++j) chunk_mma<T, W>(*slot(stage, u, j), lo, hi, acc[j][u & 1]);
     }
     if constexpr (kLines) __syncwarp();  // every lane's reads of the stage done before it is refilled
     fill(c0 + stages * stride, stage);
@@ -681,16 +683,16 @@ bool half_or_bf16(const torch::Tensor& t) {
   return t.scalar_type() == torch::kFloat16 || t.scalar_type() == torch::kBFloat16;
 }
 
-// The checks and the launch that both weight formats share: x [B, K] (or [B, 2K] with silu_mul), weight bytes
-// `q` of an [N, K] matrix, w_scale [N] or nullptr. Literal messages only: in this build a failing TORCH_CHECK whose
+// The checks and the launch that both weight formats share: x [B, K] (or [B, 2K] with silu_mul), weight [N, K] (e4m3,
+// or x's dtype), w_scale [N] or nullptr. Literal messages only: in this build a failing TORCH_CHECK whose
 // message is formatted in a .cu file (c10::str building a std::string here) crashed the process instead of raising
 // (measured on the H100 with gemv's own check, 2026-11-23); a literal message is passed to libtorch as it is.
 template <typename W>
-void run_gemv_mma(const torch::Tensor& x, const void* q, const float* w_scale, int64_t n_dim, int64_t k_dim,
-                  const torch::Tensor& weight, double rms_eps, bool silu_mul,
-                  const c10::optional<torch::Tensor>& residual, const torch::Tensor& out, int64_t split, int64_t depth,
-                  int64_t stages, int64_t tiles, int64_t copy_order) {
-  const int64_t rows = x.size(0);
+void run_gemv_mma(const torch::Tensor& x, const torch::Tensor& weight, const float* w_scale, double rms_eps,
+                  bool silu_mul, const c10::optional<torch::Tensor>& residual, const torch::Tensor& out, int64_t split,
+                  int64_t depth, int64_t stages, int64_t tiles, int64_t copy_order) {
+  constexpr bool e4m3 = std::is_same_v<W, E4m3>;
+  const int64_t rows = x.size(0), n_dim = weight.size(0), k_dim = weight.size(1);
   TORCH_CHECK(x.size(1) == (silu_mul ? 2 * k_dim : k_dim),
               "gemv_mma: x must be [B, K] (K = the weight's columns), or [B, 2K] = [gate, up] with silu_mul");
   TORCH_CHECK(!(silu_mul && rms_eps >= 0), "gemv_mma: the norm and silu_mul do not combine");
@@ -711,17 +713,16 @@ void run_gemv_mma(const torch::Tensor& x, const void* q, const float* w_scale, i
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool half = x.scalar_type() == torch::kFloat16;
-  MmaGemvArgs args{x.data_ptr(), static_cast<const uint8_t*>(q), w_scale, k_dim, n_dim, static_cast<int>(rows),
+  MmaGemvArgs args{x.data_ptr(), static_cast<const uint8_t*>(weight.data_ptr()), w_scale, k_dim, n_dim, static_cast<int>(rows),
                    static_cast<float>(rms_eps), residual ? residual->data_ptr() : nullptr, out.data_ptr()};
   // the activation is computed once for all blocks (kept alive to the launch), except for one row and e4m3
   // weights, whose kernel computes it (see Batch invariance)
-  const bool act_first = silu_mul && (rows > 1 || !std::is_same_v<W, E4m3>);
+  const bool act_first = silu_mul && (rows > 1 || !e4m3);
   const torch::Tensor act = act_first ? gemv::silu_mul_rows(x, k_dim, stream) : torch::Tensor();
   if (act.defined()) {
     args.x = act.data_ptr();
     silu_mul = false;
   }
-  constexpr bool e4m3 = std::is_same_v<W, E4m3>;
   const int default_tiles = e4m3 && rows > kRowsPerBlock ? kDefaultTilesPast8Rows : 1;
   MmaGemvShape shape{split != 0 ? static_cast<int>(split) : kDefaultSplit,
                      depth != 0 ? static_cast<int>(depth) : e4m3 ? kDefaultDepth : kDefaultDepthInputDtype,
@@ -732,7 +733,7 @@ void run_gemv_mma(const torch::Tensor& x, const void* q, const float* w_scale, i
   // 2 tiles (or 4 chunks x 1 tile) x 256 threads x 16 B = 128 KiB, within the 227 KiB a Hopper block may take.
   TORCH_CHECK(shape.tiles == 1 || (shape.stages > 1 && shape.depth <= 2),
               "gemv_mma: 2 tiles need the ring (stages >= 2) and depth 1 or 2");
-  if constexpr (std::is_same_v<W, E4m3>) {
+  if constexpr (e4m3) {
     if (half) dispatch_gemv_mma<__half, E4m3>(args, silu_mul, shape, stream);
     else dispatch_gemv_mma<__nv_bfloat16, E4m3>(args, silu_mul, shape, stream);
   } else {
@@ -741,11 +742,9 @@ void run_gemv_mma(const torch::Tensor& x, const void* q, const float* w_scale, i
   }
 }
 
-// x's shape, dtype, device and alignment as every tensor-core GEMV call needs them, against a weight of K columns.
+// x as every tensor-core GEMV call needs it (gemv::input_supported), against a weight of K < 2^29 columns.
 bool mma_input_supported(const torch::Tensor& x, int64_t k_dim) {
-  return x.is_cuda() && half_or_bf16(x) && x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxInputRows &&
-         x.is_contiguous() && k_dim > 0 && k_dim < (int64_t{1} << 29) && (x.size(1) == k_dim || x.size(1) == 2 * k_dim) &&
-         gemv::aligned16(x);
+  return gemv::input_supported(x, k_dim, kMaxInputRows) && k_dim < (int64_t{1} << 29);
 }
 
 }  // namespace
@@ -767,8 +766,8 @@ void gemv_fp8_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::
               "contiguous float8_e4m3fn [N, K] and scale a contiguous float32 [N] on x's device, K % 16 == 0 and "
               "K < 2^29, x and q 16-byte aligned");
   TORCH_CHECK(!gemv::overlaps(out, scale), "gemv_fp8: out must not overlap scale");
-  run_gemv_mma<E4m3>(x, q.data_ptr(), scale.data_ptr<float>(), q.size(0), q.size(1), q, rms_eps, silu_mul, residual,
-                     out, split, depth, stages, tiles, copy_order);
+  run_gemv_mma<E4m3>(x, q, scale.data_ptr<float>(), rms_eps, silu_mul, residual, out, split, depth, stages, tiles,
+                     copy_order);
 }
 
 bool gemv_mma_supported(const torch::Tensor& x, const torch::Tensor& weight) {
@@ -783,8 +782,8 @@ void gemv_mma_cuda(const torch::Tensor& x, const torch::Tensor& weight, double r
   TORCH_CHECK(gemv_mma_supported(x, weight),
               "gemv_mma: x must be a contiguous fp16/bf16 [B, K] (or [B, 2K] with silu_mul), 1 <= B <= 16, weight a "
               "contiguous [N, K] of x's dtype on x's device, K % 8 == 0 and K < 2^29, both 16-byte aligned");
-  run_gemv_mma<InputDtype>(x, weight.data_ptr(), nullptr, weight.size(0), weight.size(1), weight, rms_eps, silu_mul,
-                     residual, out, split, depth, stages, tiles, copy_order);
+  run_gemv_mma<InputDtype>(x, weight, nullptr, rms_eps, silu_mul, residual, out, split, depth, stages, tiles,
+                           copy_order);
 }
 
 void quantize_rows_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {

@@ -57,9 +57,10 @@ class FusedCudaOps(LayerOps):
             return "tensor_cores"
         return None
 
-    def _run_gemv(self, x: torch.Tensor, weight: Weight, rms_eps: float, silu_mul: bool,
+    @staticmethod
+    def _run_gemv(kind: str, x: torch.Tensor, weight: Weight, rms_eps: float, silu_mul: bool,
                   residual: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-        kind = self._gemv(x, weight)
+        """The GEMV `kind` (what _gemv chose for x and weight) into out."""
         if kind == "fp8":
             _C.gemv_fp8(x, weight.q, weight.scale, rms_eps, silu_mul, residual, out)
         elif kind == "cuda_cores":
@@ -70,8 +71,8 @@ class FusedCudaOps(LayerOps):
 
     def linear(self, x: torch.Tensor, weight: Weight) -> torch.Tensor:
         """x @ weight.T: the weight-streaming GEMV for a decode step's rows, else a GEMM."""
-        if self._gemv(x, weight):
-            return self._run_gemv(x, weight, -1.0, False, None, x.new_empty(x.shape[0], weight.shape[0]))
+        if kind := self._gemv(x, weight):
+            return self._run_gemv(kind, x, weight, -1.0, False, None, x.new_empty(x.shape[0], weight.shape[0]))
         if isinstance(weight, Fp8Weight):
             return self._fp8_gemm(x, weight)
         return x @ weight.t()
@@ -112,8 +113,8 @@ class FusedCudaOps(LayerOps):
         return out
 
     def norm_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: Weight) -> torch.Tensor:
-        if self._gemv(x, weight):  # a decode step's rows: the norm is a per-row scale inside the weight-streaming GEMV
-            return self._run_gemv(x, weight, eps, False, None, x.new_empty(x.shape[0], weight.shape[0]))
+        if kind := self._gemv(x, weight):  # a decode step's rows: the norm is a per-row scale inside the GEMV
+            return self._run_gemv(kind, x, weight, eps, False, None, x.new_empty(x.shape[0], weight.shape[0]))
         return self.linear(self.rms_norm(x, norm_weight, eps), weight)
 
     def rope_and_cache(self, qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, model: FastLlama,
@@ -146,16 +147,16 @@ class FusedCudaOps(LayerOps):
 
     def residual_linear(self, x: torch.Tensor, h: torch.Tensor, weight: Weight) -> torch.Tensor:
         h = h.contiguous()
-        if self._gemv(h, weight) and x.is_contiguous():  # a decode step's rows: GEMV adding into x in place
-            return self._run_gemv(h, weight, -1.0, False, x, x)
+        if (kind := self._gemv(h, weight)) and x.is_contiguous():  # a decode step's rows: GEMV adding into x in place
+            return self._run_gemv(kind, h, weight, -1.0, False, x, x)
         if isinstance(weight, Fp8Weight):  # _scaled_mm has no beta: the add is a kernel of its own
             return x.add_(self._fp8_gemm(h, weight))
         # the residual add rides in the GEMM's epilogue (beta = 1, in place) instead of a separate kernel
         return x.addmm_(h, weight.t())
 
     def mlp_down(self, x: torch.Tensor, gate_up: torch.Tensor, down: Weight) -> torch.Tensor:
-        if self._gemv(gate_up, down) and x.is_contiguous():  # a decode step's rows: SiLU-and-multiply from gate_up
-            return self._run_gemv(gate_up, down, -1.0, True, x, x)
+        if (kind := self._gemv(gate_up, down)) and x.is_contiguous():  # decode rows: SiLU-and-multiply from gate_up
+            return self._run_gemv(kind, gate_up, down, -1.0, True, x, x)
         return self.residual_linear(x, self.silu_mul(gate_up), down)
 
 
