@@ -54,8 +54,9 @@ def _profiled(label: str, fn, lines: list[str]) -> dict:
     return {"wall_ms": wall_ms, "kernel_ms": total, "kernels": rows[:TOP_KERNELS]}
 
 
-def run(loaded, out_path) -> dict:
-    system = HjcgSystem(loaded, "hybrid", max_context=1024)
+def run(loaded, out_path, **engine) -> dict:
+    """`engine`: more EngineConfig settings (e.g. weights="fp8", prefill_buckets=...)."""
+    system = HjcgSystem(loaded, "hybrid", max_context=1024, **engine)
     vocab = loaded.hf_model.config.vocab_size
     rng = random.Random(5)
     ids = lambda n: [rng.randrange(3, vocab) for _ in range(n)]  # noqa: E731

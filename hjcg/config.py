@@ -30,8 +30,10 @@ DEFAULT_PREFILL_BUCKETS = (48, 96, 128, 176, 208, 256, 288, 304, 336, 368, 384, 
 # With fp8 weights, prompts of up to 16 tokens run the fp8 GEMV (hjcg.fused_ops.FP8_GEMV_MAX_ROWS) rather than the
 # fp8 GEMM that a 48-token bucket runs: the 32 layers' products at Llama-2-7B shapes take 3.39 ms for 16 rows
 # (bench/results/2026-11-23-h100-fp8-tiles-lab) against 3.95-4.0 ms through torch._scaled_mm at 10-48 tokens
-# (bench/results/2026-11-23-h100-fp8-lab).
-FP8_PREFILL_BUCKETS = (16, *DEFAULT_PREFILL_BUCKETS)
+# (bench/results/2026-11-23-h100-fp8-lab). The GEMV's time grows with its rows (one tile of weight rows up to 8,
+# two past 8), so the short buckets follow its steps: TTFT at exactly 8 / 10 / 12 / 16 tokens 3.84 / 3.95 / 3.97
+# / 4.21 ms (bench/results/2026-11-24-h100-fp8-step-lab): a 10-token prompt gains 0.24 ms in bucket 12.
+FP8_PREFILL_BUCKETS = (8, 12, 16, *DEFAULT_PREFILL_BUCKETS)
 # The default buckets twice (a graph for one prompt and one for prompts packed together: hjcg.packing), and per
 # batch bucket (1, 2, 4, ..., 32) a decode graph and the two halves of a constrained step.
 DEFAULT_GRAPH_CACHE_ENTRIES = 56

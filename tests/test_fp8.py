@@ -220,11 +220,15 @@ def test_config_names_the_allowed_weight_formats():
         EngineConfig(device="cpu", weights="int4")
 
 
-def test_fp8_weights_add_a_16_token_prefill_bucket_that_the_fp8_gemv_serves():
-    from hjcg.config import DEFAULT_PREFILL_BUCKETS
+def test_fp8_weights_add_short_prefill_buckets_that_the_fp8_gemv_serves():
+    from hjcg.config import DEFAULT_PREFILL_BUCKETS, DEFAULT_GRAPH_CACHE_ENTRIES
     from hjcg.fused_ops import FP8_GEMV_MAX_ROWS
 
     fp8_buckets = EngineConfig(device="cpu", weights="fp8").prefill_buckets
-    assert fp8_buckets == (16, *DEFAULT_PREFILL_BUCKETS) and fp8_buckets[0] <= FP8_GEMV_MAX_ROWS
+    short = fp8_buckets[:-len(DEFAULT_PREFILL_BUCKETS)]
+    assert fp8_buckets == (*short, *DEFAULT_PREFILL_BUCKETS) and short == (8, 12, 16)
+    assert max(short) <= FP8_GEMV_MAX_ROWS  # every short bucket runs the GEMV
+    # the default graph cache holds each bucket's two prefill graphs and the 6 batch buckets' 3 decode graphs
+    assert 2 * len(fp8_buckets) + 3 * 6 <= DEFAULT_GRAPH_CACHE_ENTRIES
     assert EngineConfig(device="cpu").prefill_buckets == DEFAULT_PREFILL_BUCKETS
     assert EngineConfig(device="cpu", weights="fp8", prefill_buckets=(64, 32)).prefill_buckets == (32, 64)
