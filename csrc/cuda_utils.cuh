@@ -25,6 +25,12 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 // Block-wide sum; every thread gets the result. `shared` holds at least 32 values. Samplers sum in
 // double over 100k+ weights, where float rounding would move the sampling boundaries.
 template <typename T>

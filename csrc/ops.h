@@ -42,10 +42,12 @@ void pad_prompt_cuda(const torch::Tensor& prompt, int64_t start_pos, int64_t pad
                      const torch::Tensor& positions, const torch::Tensor& last_index, const torch::Tensor& seq_len);
 // Paged decode attention, one query token per row: q [B, Hq, D]; k_pool, v_pool [slots, Hkv, D] (slot =
 // block * block_size + offset); block_tables [B, W] int32 and seq_lens [B] int64 on the device; row b
-// attends to positions [0, seq_lens[b]) of its stream; out [B, Hq, D]; workspace [B * Hq, splits, D + 2].
+// attends to positions [0, seq_lens[b]) of its stream; out [B, Hq, D]; workspace [B * Hq, splits, D + 2]; counters
+// [B * Hq] int32, zero before the first launch and left zero by each.
 void decode_attention_cuda(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
                            const torch::Tensor& block_tables, const torch::Tensor& seq_lens, int64_t block_size,
-                           double scale, const torch::Tensor& out, const torch::Tensor& workspace);
+                           double scale, const torch::Tensor& out, const torch::Tensor& workspace,
+                           const torch::Tensor& counters);
 void rms_norm_cuda(const torch::Tensor& x, const torch::Tensor& weight, double eps, const torch::Tensor& out);
 // qkv [S, (Hq + 2 Hkv) D]; cos, sin [T, D]; positions, slots [S] int64; q_out [S, Hq, D]; k_out, v_out
 // [S, Hkv, D] (the step's own K/V, for a prompt's attention); caches [slots, Hkv, D], row slots[s] written.

@@ -183,18 +183,19 @@ def paged_decode_attention(cache: PagedKVCache, tables: torch.Tensor, seq_lens: 
                            splits: int) -> Attention:
     """hjcg's split-K decode kernel: one query token per row, row b over positions [0, seq_lens[b]) of its
     stream through its block table (tables [B, W] int32, seq_lens [B] int64, both read on the device, so
-    one graph serves every mix of lengths). The workspace is kept for the attention's life: a captured
-    graph writes to it."""
-    workspaces: dict[tuple[int, int], torch.Tensor] = {}
+    one graph serves every mix of lengths), in up to `splits` slices by its length. The workspace and the
+    splits' counters are kept for the attention's life: a captured graph uses them."""
+    scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         b, heads, dim = q.shape
-        ws = workspaces.get((b, heads))
-        if ws is None:
-            ws = workspaces[(b, heads)] = torch.empty(b * heads, splits, dim + 2, device=q.device, dtype=torch.float32)
+        if (b, heads) not in scratch:
+            scratch[(b, heads)] = (torch.empty(b * heads, splits, dim + 2, device=q.device, dtype=torch.float32),
+                                   torch.zeros(b * heads, device=q.device, dtype=torch.int32))
+        ws, counters = scratch[(b, heads)]
         out = torch.empty_like(q)
         _C.decode_attention(q.contiguous(), cache.k[layer], cache.v[layer], tables[:b], seq_lens[:b],
-                            cache.block_size, dim ** -0.5, out, ws)
+                            cache.block_size, dim ** -0.5, out, ws, counters)
         return out
 
     return attend

@@ -108,7 +108,7 @@ def test_padding_matches_cpu():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(32, 32, 128), (9, 3, 64), (8, 1, 256)])
-@pytest.mark.parametrize("length", [1, 7, 300, 4000])
+@pytest.mark.parametrize("length", [1, 7, 33, 300, 4000])  # 1, 1, 2, 10 and 16 (all) splits
 def test_decode_attention_matches_sdpa(dtype, tol, heads, kv_heads, dim, length):
     # a batch of rows with their own lengths and scattered blocks; row 0 has the test's length
     from hjcg.kv_cache import PagedKVCache
@@ -130,7 +130,9 @@ def test_decode_attention_matches_sdpa(dtype, tol, heads, kv_heads, dim, length)
     q = torch.randn(rows, heads, dim, device="cuda", dtype=dtype)
     out = torch.full_like(q, float("nan"))
     ws = torch.empty(rows * heads, 16, dim + 2, device="cuda", dtype=torch.float32)
-    _C.decode_attention(q, cache.k[0], cache.v[0], tables, seq_lens, block_size, dim ** -0.5, out, ws)
+    counters = torch.zeros(rows * heads, device="cuda", dtype=torch.int32)
+    _C.decode_attention(q, cache.k[0], cache.v[0], tables, seq_lens, block_size, dim ** -0.5, out, ws, counters)
+    assert not counters.any()  # the last split of each head left its counter ready for the next launch
     for r, n in enumerate(lengths):
         keys, values = cache.gather(0, cache.table_slots(tables[r:r + 1], n)[0])
         ref = F.scaled_dot_product_attention(q[r].double()[:, None], keys.double().transpose(0, 1),
@@ -142,6 +144,47 @@ def test_decode_attention_matches_sdpa(dtype, tol, heads, kv_heads, dim, length)
     cache.v.nan_to_num_(0.0)
     torch_out = paged_decode_attention(cache, tables, seq_lens)(0, q, None, None, None)
     assert _rel(torch_out, out) < 10 * tol
+
+
+def test_decode_attention_row_depends_on_its_own_length_only_and_relaunches_bit_identically():
+    # rows of 300 positions (10 splits merged by the last block), 20 (one split) and 0 (an idle row: zeros)
+    from hjcg.kv_cache import PagedKVCache
+
+    block_size, heads, dim, lengths = 16, 8, 128, [300, 20, 0]
+    width = -(-max(lengths) // block_size)
+    cache = PagedKVCache(1, len(lengths) * width + 1, block_size, heads, dim, torch.device("cuda"), torch.float16)
+    cache.k.normal_()
+    cache.v.normal_()
+    tables = (torch.arange(len(lengths) * width, dtype=torch.int32) + 1).view(len(lengths), width).cuda()
+    seq_lens = torch.tensor(lengths, device="cuda")
+    q = torch.randn(len(lengths), heads, dim, device="cuda", dtype=torch.float16)
+
+    def attend(rows: slice) -> torch.Tensor:
+        n = len(range(*rows.indices(len(lengths))))
+        out = torch.full((n, heads, dim), float("nan"), device="cuda", dtype=torch.float16)
+        ws = torch.empty(n * heads, 16, dim + 2, device="cuda", dtype=torch.float32)
+        counters = torch.zeros(n * heads, device="cuda", dtype=torch.int32)
+        for _ in range(3):  # the counters are reused, as by every layer of a graph
+            _C.decode_attention(q[rows], cache.k[0], cache.v[0], tables[rows], seq_lens[rows], block_size,
+                                dim ** -0.5, out, ws, counters)
+        assert not counters.any()
+        return out
+
+    batch = attend(slice(0, 3))
+    assert torch.equal(attend(slice(0, 1))[0], batch[0]) and torch.equal(attend(slice(1, 2))[0], batch[1])
+    assert not batch[2].any()
+
+
+def test_decode_attention_rejects_counters_of_the_wrong_shape():
+    from hjcg.kv_cache import PagedKVCache
+
+    cache = PagedKVCache(1, 4, 16, 2, 64, torch.device("cuda"), torch.float16)
+    q = torch.zeros(1, 2, 64, device="cuda", dtype=torch.float16)
+    ws = torch.empty(2, 16, 66, device="cuda", dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="counters must be int32"):
+        _C.decode_attention(q, cache.k[0], cache.v[0], torch.ones(1, 1, dtype=torch.int32, device="cuda"),
+                            torch.ones(1, dtype=torch.int64, device="cuda"), 16, 0.125, torch.empty_like(q), ws,
+                            torch.zeros(1, dtype=torch.int32, device="cuda"))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
