@@ -65,6 +65,12 @@ class EngineConfig:
     # tensor cores 4.94, -, 5.00, 5.04, and 6.20 at 16; cuBLAS 5.05-5.14 at any of them.
     gemv_max_rows: int = 2
     mma_gemv_max_rows: int = 8
+    # One arithmetic for a stream whatever its batch: decode steps of 1..MMA_GEMV_MAX_ROWS rows all run the
+    # tensor-core GEMV (each row's bits the same at any of those sizes; gemv_max_rows and mma_gemv_max_rows are
+    # set to match) and streams joining together prefill one by one, not packed. The default split above is
+    # faster at 1-2 rows but rounds differently from 3 rows on, so in fp16/bf16 a stream's logits (and, rarely,
+    # a sampled token) can change as its batch crosses 2 and 8 rows. Above MMA_GEMV_MAX_ROWS rows cuBLAS runs.
+    batch_invariant: bool = False
     # Decode steps queued on the GPU beyond the one the host is reading back (CUDA; the CPU runs none
     # ahead). One hides the host's per-step work; two also hide the gRPC front's threads holding the GIL:
     # 8 streams over gRPC, inter-token p99 7.1 ms at 2 against 9.7-10.0 at 1, 1 stream 5.3-5.6 against
@@ -103,6 +109,8 @@ class EngineConfig:
         if self.max_prompt_tokens >= self.max_context:
             raise ValueError("max_prompt_tokens must be smaller than max_context")
         self.default_max_new_tokens = min(self.default_max_new_tokens, self.max_new_tokens)
+        if self.batch_invariant:
+            self.gemv_max_rows, self.mma_gemv_max_rows = 0, MMA_GEMV_MAX_ROWS
         if not 0 <= self.gemv_max_rows <= 8:
             raise ValueError("gemv_max_rows must be in [0, 8] (the GEMV takes at most 8 rows)")
         if not 0 <= self.mma_gemv_max_rows <= MMA_GEMV_MAX_ROWS:

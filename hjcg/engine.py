@@ -228,7 +228,8 @@ class Engine:
         self._dequeued(len(dropped) + len(admitted))
         for seq in dropped:
             seq.finish(FINISH_CANCELLED)
-        for group in self.scheduler.prefill_groups(admitted, self.runner.prefill_chunk):
+        pack_tokens = 0 if self.config.batch_invariant else self.runner.prefill_chunk  # 0: each prompt alone
+        for group in self.scheduler.prefill_groups(admitted, pack_tokens):
             self._prefill(group)
         self._retire()
         launched = self._launch()

@@ -226,8 +226,10 @@ def test_every_stream_of_a_mixed_batch_equals_its_solo_run_and_transformers_fp32
 
 
 def test_a_seeded_sampled_stream_draws_the_same_tokens_alone_and_in_a_batch_on_the_gpu():
+    # fp16 rounding is the same at every batch size only in batch-invariant mode (the default runs a faster GEMV
+    # at 1-2 rows and packs prompts that join together): there the tokens must match, not by luck
     loaded = random_llama("smollm2-135m", torch.float16, "cuda", seed=3)
-    engine = make_engine(loaded, "hybrid", "float16")
+    engine = make_engine(loaded, "hybrid", "float16", batch_invariant=True)
     request = GenerationRequest([5, 6, 7, 8], 40, SamplingParams(temperature=1.0, top_k=50, seed=11), ignore_eos=True)
     alone = ids(engine.generate(request))
     collectors = [Collector() for _ in range(3)]

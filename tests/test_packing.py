@@ -83,6 +83,27 @@ def test_the_mask_lets_a_token_see_its_own_prompt_up_to_itself():
     assert mask[0, 1] == float("-inf")
 
 
+def test_a_batch_invariant_engine_prefills_streams_that_join_together_one_by_one():
+    from hjcg.random_models import random_llama
+    from hjcg_server.cli import _parser, engine_config
+
+    args = _parser().parse_args(["serve", "--device", "cpu", "--batch-invariant"])
+    assert engine_config(args).batch_invariant and not engine_config(_parser().parse_args(["serve"])).batch_invariant
+    loaded = random_llama("tiny-gqa", torch.float32, "cpu", seed=11)
+    config = EngineConfig(model=loaded.name, device="cpu", max_context=256, max_prompt_tokens=200, max_new_tokens=8,
+                          prefill_buckets=(32, 64), max_batch=8, batch_invariant=True)
+    # decode: the tensor-core GEMV at every size up to its limit (one arithmetic per row), never the CUDA-core one
+    assert (config.gemv_max_rows, config.mma_gemv_max_rows) == (0, 16)
+    engine = Engine(config, loaded)
+    calls = counting_packed_prefills(engine)
+    collectors = [Collector() for _ in range(3)]
+    for n, c in zip((5, 17, 1), collectors):
+        engine.submit(GenerationRequest(list(range(3, 3 + n)), 4, ignore_eos=True), c)
+    engine.step()
+    assert calls == [] and all(len(c.events) >= 1 for c in collectors)  # all three joined, each prefilled alone
+    drive(engine, collectors)
+
+
 def test_streams_that_join_together_prefill_in_one_forward_and_get_their_solo_results(tiny):
     prompts = [list(range(3, 3 + n)) for n in (5, 17, 1, 30)]
     requests = [GenerationRequest(p, 6, logprobs=3, ignore_eos=True) for p in prompts]

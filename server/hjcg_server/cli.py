@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--decode-lookahead", type=int, default=DEFAULT_DECODE_LOOKAHEAD, metavar="STEPS",
                    help="decode steps queued on the GPU ahead of the host (0-3; more hides host hiccups, and a "
                    "finished stream holds its row that many steps longer) (default: %(default)s)")
+    s.add_argument("--batch-invariant", action="store_true",
+                   help="one arithmetic for a stream at any batch size up to 16 streams: decode always on the "
+                   "tensor-core GEMV, joining prompts prefilled one by one (batch-1 decode about 5%% slower)")
     s.add_argument("--unread-timeout", type=float, default=DEFAULT_UNREAD_TIMEOUT_S, metavar="SECONDS",
                    help="a stream whose client takes no message for this long while tokens wait is cancelled, and "
                    "its client gets RESOURCE_EXHAUSTED: its batch row goes to others (default: %(default)s)")
@@ -138,7 +141,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         graph_cache_max_entries=args.graph_max_entries, graph_cache_max_bytes=args.graph_budget_mib << 20,
         max_batch=args.max_batch, max_waiting=max(1, args.queue_size), kv_cache_gib=args.kv_cache_gib,
         kv_cache_fraction=args.kv_cache_fraction, kv_block_size=args.kv_block_size,
-        decode_lookahead=args.decode_lookahead)
+        decode_lookahead=args.decode_lookahead, batch_invariant=args.batch_invariant)
 
 
 def main(argv: list[str] | None = None) -> int:
