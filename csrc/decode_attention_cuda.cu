@@ -57,8 +57,8 @@ struct Softmax {
   float m = -INFINITY, l = 0.f, acc[kPerLane] = {};
 };
 
-// The block's warps' states merged (into the shared arrays' first warp slot order, fixed): the block's max,
-// sum, and its unnormalised output per dimension d (read back by the caller from block_acc).
+// The block's warps' states merged, in warp order: each warp's state goes to the shared arrays, then every thread
+// takes the block's max and sum; block_output gives the block's unnormalised output at dimension d.
 template <int D, int kPerLane>
 __device__ __forceinline__ void merge_warps(const Softmax<kPerLane>& st, float (&warp_m)[kWarps],
                                             float (&warp_l)[kWarps], float (&warp_acc)[kWarps][D],
@@ -193,24 +193,12 @@ __global__ void __launch_bounds__(kWarps * 32) decode_attention_kernel(const T* 
   if (threadIdx.x == 0) a.counters[head] = 0;  // ready for the next launch (the next layer, the next replay)
 }
 
-struct Paging {
-  const torch::Tensor& tables;
-  const torch::Tensor& seq_lens;
-  int block_size;
-};
-
 template <typename T, int D>
-void launch(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache, const Paging& paging,
-            float scale, const torch::Tensor& out, const torch::Tensor& workspace, const torch::Tensor& counters) {
-  const int rows = static_cast<int>(q.size(0));
-  const int heads = static_cast<int>(q.size(1)), kv_heads = static_cast<int>(k_cache.size(1));
-  const int splits = static_cast<int>(workspace.size(1));
+void launch(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& out,
+            const AttentionArgs& args, dim3 grid) {
   using Raw = typename std::conditional<std::is_same<T, at::Half>::value, __half,
               typename std::conditional<std::is_same<T, at::BFloat16>::value, __nv_bfloat16, float>::type>::type;
-  const AttentionArgs args{paging.tables.data_ptr<int>(), paging.tables.stride(0), paging.seq_lens.data_ptr<int64_t>(),
-                           paging.block_size, k_cache.stride(0), heads / kv_heads, scale, workspace.data_ptr<float>(),
-                           counters.data_ptr<int>()};
-  decode_attention_kernel<Raw, D><<<dim3(heads, splits, rows), kWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  decode_attention_kernel<Raw, D><<<grid, kWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const Raw*>(q.data_ptr<T>()), reinterpret_cast<const Raw*>(k_cache.data_ptr<T>()),
       reinterpret_cast<const Raw*>(v_cache.data_ptr<T>()), args, reinterpret_cast<Raw*>(out.data_ptr<T>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -218,12 +206,11 @@ void launch(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
 
 template <typename T>
 void dispatch_head_dim(int64_t d, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                       const Paging& paging, float scale, const torch::Tensor& out, const torch::Tensor& ws,
-                       const torch::Tensor& counters) {
+                       const torch::Tensor& out, const AttentionArgs& args, dim3 grid) {
   switch (d) {
-    case 64: return launch<T, 64>(q, k, v, paging, scale, out, ws, counters);
-    case 128: return launch<T, 128>(q, k, v, paging, scale, out, ws, counters);
-    case 256: return launch<T, 256>(q, k, v, paging, scale, out, ws, counters);
+    case 64: return launch<T, 64>(q, k, v, out, args, grid);
+    case 128: return launch<T, 128>(q, k, v, out, args, grid);
+    case 256: return launch<T, 256>(q, k, v, out, args, grid);
     default: TORCH_CHECK(false, "decode_attention supports head dims 64, 128 and 256, got ", d);
   }
 }
@@ -258,15 +245,15 @@ void decode_attention_cuda(const torch::Tensor& q, const torch::Tensor& k_pool, 
                   counters.is_contiguous(),
               "counters must be int32 [B * Hq] on the device, zero before the first launch");
   const c10::cuda::CUDAGuard guard(q.device());
-  const float s = static_cast<float>(scale);
-  const Paging paging{block_tables, seq_lens, static_cast<int>(block_size)};
+  const AttentionArgs args{block_tables.data_ptr<int>(), block_tables.stride(0), seq_lens.data_ptr<int64_t>(),
+                           static_cast<int>(block_size), k_pool.stride(0), static_cast<int>(q.size(1) / k_pool.size(1)),
+                           static_cast<float>(scale), workspace.data_ptr<float>(), counters.data_ptr<int>()};
+  const dim3 grid(static_cast<unsigned>(q.size(1)), static_cast<unsigned>(workspace.size(1)),
+                  static_cast<unsigned>(rows));  // (head, split, row)
   switch (q.scalar_type()) {
-    case torch::kFloat16:
-      return dispatch_head_dim<at::Half>(q.size(2), q, k_pool, v_pool, paging, s, out, workspace, counters);
-    case torch::kBFloat16:
-      return dispatch_head_dim<at::BFloat16>(q.size(2), q, k_pool, v_pool, paging, s, out, workspace, counters);
-    case torch::kFloat32:
-      return dispatch_head_dim<float>(q.size(2), q, k_pool, v_pool, paging, s, out, workspace, counters);
+    case torch::kFloat16: return dispatch_head_dim<at::Half>(q.size(2), q, k_pool, v_pool, out, args, grid);
+    case torch::kBFloat16: return dispatch_head_dim<at::BFloat16>(q.size(2), q, k_pool, v_pool, out, args, grid);
+    case torch::kFloat32: return dispatch_head_dim<float>(q.size(2), q, k_pool, v_pool, out, args, grid);
     default: TORCH_CHECK(false, "decode_attention: unsupported dtype ", q.scalar_type());
   }
 }

@@ -27,14 +27,18 @@ class Collector:
         return [e.id for e in self.events]
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def tiny_engine(**settings) -> Engine:
     from hjcg.random_models import random_llama
 
     loaded = random_llama("tiny-gqa", torch.float32, "cpu", seed=11)
     config = EngineConfig(model=loaded.name, device="cpu", max_context=256, max_prompt_tokens=200, max_new_tokens=48,
-                          prefill_buckets=(32, 64), max_batch=8)
+                          prefill_buckets=(32, 64), max_batch=8, **settings)
     return Engine(config, loaded)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_engine()
 
 
 def drive(engine, collectors):
@@ -84,17 +88,13 @@ def test_the_mask_lets_a_token_see_its_own_prompt_up_to_itself():
 
 
 def test_a_batch_invariant_engine_prefills_streams_that_join_together_one_by_one():
-    from hjcg.random_models import random_llama
     from hjcg_server.cli import _parser, engine_config
 
     args = _parser().parse_args(["serve", "--device", "cpu", "--batch-invariant"])
     assert engine_config(args).batch_invariant and not engine_config(_parser().parse_args(["serve"])).batch_invariant
-    loaded = random_llama("tiny-gqa", torch.float32, "cpu", seed=11)
-    config = EngineConfig(model=loaded.name, device="cpu", max_context=256, max_prompt_tokens=200, max_new_tokens=8,
-                          prefill_buckets=(32, 64), max_batch=8, batch_invariant=True)
+    engine = tiny_engine(batch_invariant=True)
     # decode: the tensor-core GEMV at every size up to its limit (one arithmetic per row), never the CUDA-core one
-    assert (config.gemv_max_rows, config.mma_gemv_max_rows) == (0, 16)
-    engine = Engine(config, loaded)
+    assert (engine.config.gemv_max_rows, engine.config.mma_gemv_max_rows) == (0, 16)
     calls = counting_packed_prefills(engine)
     collectors = [Collector() for _ in range(3)]
     for n, c in zip((5, 17, 1), collectors):
