@@ -102,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
                    "finished stream holds its row that many steps longer) (default: %(default)s)")
     s.add_argument("--batch-invariant", action="store_true",
                    help="one arithmetic for a stream at any batch size up to 16 streams: decode always on the "
-                   "tensor-core GEMV, joining prompts prefilled one by one (batch-1 decode about 5%% slower)")
+                   "tensor-core GEMV, joining prompts prefilled one by one (batch-1 decode about 5%% slower) "
+                   "(default: off, the fastest GEMV for each batch size)")
     s.add_argument("--unread-timeout", type=float, default=DEFAULT_UNREAD_TIMEOUT_S, metavar="SECONDS",
                    help="a stream whose client takes no message for this long while tokens wait is cancelled, and "
                    "its client gets RESOURCE_EXHAUSTED: its batch row goes to others (default: %(default)s)")
