@@ -41,12 +41,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = true;
   m.def("decode_attention", &hjcg::decode_attention_cuda, py::arg("q"), py::arg("k_pool"), py::arg("v_pool"),
         py::arg("block_tables"), py::arg("seq_lens"), py::arg("block_size"), py::arg("scale"), py::arg("out"),
-        py::arg("workspace"), py::arg("counters"));
+        py::arg("workspace"), py::arg("counters"), py::arg("pdl") = false);
   m.def("rms_norm", &hjcg::rms_norm_cuda, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"));
   m.def("rope_cache", &hjcg::rope_cache_cuda, py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("positions"),
         py::arg("slots"), py::arg("heads"), py::arg("kv_heads"), py::arg("q_out"), py::arg("k_out"), py::arg("v_out"),
         py::arg("k_cache"), py::arg("v_cache"),
-        py::arg("norm_x") = py::none(), py::arg("eps") = 0.0);
+        py::arg("norm_x") = py::none(), py::arg("eps") = 0.0, py::arg("pdl") = false);
   m.def("silu_mul", &hjcg::silu_mul_cuda, py::arg("gate_up"), py::arg("out"), py::arg("norm_x") = py::none(),
         py::arg("eps") = 0.0);
   m.def("gemv_supported", &hjcg::gemv_supported, py::arg("x"), py::arg("weight"));
@@ -55,11 +55,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_fp8_supported", &hjcg::gemv_fp8_supported, py::arg("x"), py::arg("q"), py::arg("scale"));
   m.def("gemv_fp8", &hjcg::gemv_fp8_cuda, py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("rms_eps"),
         py::arg("silu_mul"), py::arg("residual"), py::arg("out"), py::arg("split") = 0,
-        py::arg("depth") = 0, py::arg("stages") = 0, py::arg("tiles") = 0, py::arg("copy_order") = 0);
+        py::arg("depth") = 0, py::arg("stages") = 0, py::arg("tiles") = 0, py::arg("copy_order") = 0,
+        py::arg("pdl") = false);
   m.def("gemv_mma_supported", &hjcg::gemv_mma_supported, py::arg("x"), py::arg("weight"));
   m.def("gemv_mma", &hjcg::gemv_mma_cuda, py::arg("x"), py::arg("weight"), py::arg("rms_eps"), py::arg("silu_mul"),
         py::arg("residual"), py::arg("out"), py::arg("split") = 0, py::arg("depth") = 0, py::arg("stages") = 0,
-        py::arg("tiles") = 0, py::arg("copy_order") = 0);
+        py::arg("tiles") = 0, py::arg("copy_order") = 0, py::arg("pdl") = false);
   m.def("quantize_rows", &hjcg::quantize_rows_cuda, py::arg("x"), py::arg("q"), py::arg("scale"));
   hjcg::bind_graph_cache(m);
 #else

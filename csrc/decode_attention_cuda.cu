@@ -17,6 +17,7 @@
 
 #include "cuda_utils.cuh"
 #include "ops.h"
+#include "pdl.cuh"
 
 namespace hjcg {
 namespace {
@@ -95,6 +96,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_attention_kernel(const T* 
                                                                        const T* __restrict__ v, AttentionArgs a,
                                                                        T* __restrict__ out) {
   constexpr int kPerLane = D / 32;
+  pdl::launch_dependents();  // q and the caches come from the kernels before (pdl.cuh)
+  pdl::wait();
   const int row = blockIdx.z, heads = gridDim.x;
   const int head = row * heads + blockIdx.x, split = blockIdx.y;
   const int64_t len = a.seq_lens[row];
@@ -195,22 +198,21 @@ __global__ void __launch_bounds__(kWarps * 32) decode_attention_kernel(const T* 
 
 template <typename T, int D>
 void launch(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& out,
-            const AttentionArgs& args, dim3 grid) {
+            const AttentionArgs& args, dim3 grid, bool pdl) {
   using Raw = typename std::conditional<std::is_same<T, at::Half>::value, __half,
               typename std::conditional<std::is_same<T, at::BFloat16>::value, __nv_bfloat16, float>::type>::type;
-  decode_attention_kernel<Raw, D><<<grid, kWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const Raw*>(q.data_ptr<T>()), reinterpret_cast<const Raw*>(k_cache.data_ptr<T>()),
-      reinterpret_cast<const Raw*>(v_cache.data_ptr<T>()), args, reinterpret_cast<Raw*>(out.data_ptr<T>()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  pdl::launch(decode_attention_kernel<Raw, D>, grid, dim3(kWarps * 32), 0, c10::cuda::getCurrentCUDAStream(), pdl,
+              reinterpret_cast<const Raw*>(q.data_ptr<T>()), reinterpret_cast<const Raw*>(k_cache.data_ptr<T>()),
+              reinterpret_cast<const Raw*>(v_cache.data_ptr<T>()), args, reinterpret_cast<Raw*>(out.data_ptr<T>()));
 }
 
 template <typename T>
 void dispatch_head_dim(int64_t d, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                       const torch::Tensor& out, const AttentionArgs& args, dim3 grid) {
+                       const torch::Tensor& out, const AttentionArgs& args, dim3 grid, bool pdl) {
   switch (d) {
-    case 64: return launch<T, 64>(q, k, v, out, args, grid);
-    case 128: return launch<T, 128>(q, k, v, out, args, grid);
-    case 256: return launch<T, 256>(q, k, v, out, args, grid);
+    case 64: return launch<T, 64>(q, k, v, out, args, grid, pdl);
+    case 128: return launch<T, 128>(q, k, v, out, args, grid, pdl);
+    case 256: return launch<T, 256>(q, k, v, out, args, grid, pdl);
     default: TORCH_CHECK(false, "decode_attention supports head dims 64, 128 and 256, got ", d);
   }
 }
@@ -220,7 +222,7 @@ void dispatch_head_dim(int64_t d, const torch::Tensor& q, const torch::Tensor& k
 void decode_attention_cuda(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
                            const torch::Tensor& block_tables, const torch::Tensor& seq_lens, int64_t block_size,
                            double scale, const torch::Tensor& out, const torch::Tensor& workspace,
-                           const torch::Tensor& counters) {
+                           const torch::Tensor& counters, bool pdl) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.is_contiguous(), "q must be a contiguous CUDA tensor [B, Hq, D]");
   TORCH_CHECK(k_pool.dim() == 3 && k_pool.sizes() == v_pool.sizes() && k_pool.is_contiguous() &&
                   v_pool.is_contiguous(), "k_pool and v_pool must be contiguous [slots, Hkv, D] of one shape");
@@ -251,9 +253,9 @@ void decode_attention_cuda(const torch::Tensor& q, const torch::Tensor& k_pool, 
   const dim3 grid(static_cast<unsigned>(q.size(1)), static_cast<unsigned>(workspace.size(1)),
                   static_cast<unsigned>(rows));  // (head, split, row)
   switch (q.scalar_type()) {
-    case torch::kFloat16: return dispatch_head_dim<at::Half>(q.size(2), q, k_pool, v_pool, out, args, grid);
-    case torch::kBFloat16: return dispatch_head_dim<at::BFloat16>(q.size(2), q, k_pool, v_pool, out, args, grid);
-    case torch::kFloat32: return dispatch_head_dim<float>(q.size(2), q, k_pool, v_pool, out, args, grid);
+    case torch::kFloat16: return dispatch_head_dim<at::Half>(q.size(2), q, k_pool, v_pool, out, args, grid, pdl);
+    case torch::kBFloat16: return dispatch_head_dim<at::BFloat16>(q.size(2), q, k_pool, v_pool, out, args, grid, pdl);
+    case torch::kFloat32: return dispatch_head_dim<float>(q.size(2), q, k_pool, v_pool, out, args, grid, pdl);
     default: TORCH_CHECK(false, "decode_attention: unsupported dtype ", q.scalar_type());
   }
 }

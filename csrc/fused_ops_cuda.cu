@@ -9,6 +9,7 @@
 
 #include "cuda_utils.cuh"
 #include "ops.h"
+#include "pdl.cuh"
 
 namespace hjcg {
 namespace {
@@ -105,6 +106,8 @@ __global__ void __launch_bounds__(kRopeThreads) rope_cache_kernel(
     T* __restrict__ q_out, T* __restrict__ k_out, T* __restrict__ v_out, T* __restrict__ k_cache,
     T* __restrict__ v_cache, const T* __restrict__ norm_x, int64_t hidden, float eps) {
   __shared__ float shared[32];
+  pdl::launch_dependents();  // everything below reads the kernels before (pdl.cuh)
+  pdl::wait();
   const int token = blockIdx.x, half = head_dim / 2, quads_per_head = head_dim / 4;
   // the deferred RMSNorm of the layer input (nullptr: qkv is already normalised)
   const float scale = norm_x != nullptr ? row_inv_rms(norm_x + token * hidden, hidden, eps, shared) : 1.f;
@@ -240,7 +243,7 @@ void rope_cache_cuda(const torch::Tensor& qkv, const torch::Tensor& cos, const t
                      const torch::Tensor& positions, const torch::Tensor& slots, int64_t heads, int64_t kv_heads,
                      const torch::Tensor& q_out, const torch::Tensor& k_out, const torch::Tensor& v_out,
                      const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                     const c10::optional<torch::Tensor>& norm_x, double eps) {
+                     const c10::optional<torch::Tensor>& norm_x, double eps, bool pdl) {
   for (const auto* t : {&qkv, &cos, &sin, &positions, &slots, &q_out, &k_out, &v_out, &k_cache, &v_cache})
     check_cuda_contiguous(*t, "rope_cache input");
   const int64_t tokens = qkv.size(0), head_dim = cos.size(1);
@@ -261,11 +264,12 @@ void rope_cache_cuda(const torch::Tensor& qkv, const torch::Tensor& cos, const t
     auto launch = [&](auto per_thread) {
       constexpr int kPerThread = decltype(per_thread)::value;
       const dim3 grid(tokens, (quads + kRopeThreads * kPerThread - 1) / (kRopeThreads * kPerThread));
-      rope_cache_kernel<T, kPerThread><<<grid, kRopeThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          ptr<T>(qkv), ptr<T>(cos), ptr<T>(sin), positions.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), heads,
-          kv_heads, head_dim, ptr<T>(q_out), ptr<T>(k_out), ptr<T>(v_out), ptr<T>(k_cache), ptr<T>(v_cache),
-          norm_x ? ptr<T>(*norm_x) : nullptr,
-          norm_x ? norm_x->size(1) : 0, static_cast<float>(eps));
+      pdl::launch(rope_cache_kernel<T, kPerThread>, grid, dim3(kRopeThreads), 0, c10::cuda::getCurrentCUDAStream(), pdl,
+                  ptr<T>(qkv), ptr<T>(cos), ptr<T>(sin), positions.data_ptr<int64_t>(), slots.data_ptr<int64_t>(),
+                  static_cast<int>(heads), static_cast<int>(kv_heads), static_cast<int>(head_dim), ptr<T>(q_out),
+                  ptr<T>(k_out), ptr<T>(v_out), ptr<T>(k_cache), ptr<T>(v_cache),
+                  norm_x ? ptr<T>(*norm_x) : static_cast<T*>(nullptr), norm_x ? norm_x->size(1) : int64_t{0},
+                  static_cast<float>(eps));
     };
     if (tokens >= 64) launch(std::integral_constant<int, 4>{});
     else launch(std::integral_constant<int, 1>{});

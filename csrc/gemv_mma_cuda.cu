@@ -52,6 +52,7 @@
 
 #include "gemv_common.cuh"
 #include "ops.h"
+#include "pdl.cuh"
 
 namespace hjcg {
 namespace {
@@ -542,6 +543,11 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_ring_kernel(const Mma
   float sq[2] = {};
   const int first = warp * kDepth;
   for (int i = 0; i < stages; ++i) fill(first + i * stride, i);
+  // Programmatic dependent launch (pdl.cuh; nothing without it): the weights are constants, so their first
+  // batches are requested before waiting on the kernels that write x and residual, and the next kernel may start
+  // its own weight reads as this grid's blocks start.
+  pdl::launch_dependents();
+  pdl::wait();
   int stage = 0;
   for (int c0 = first; c0 < chunks; c0 += stride) {
     uint4 in[kDepth][Streams::kInputVectors];
@@ -623,6 +629,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const T* _
 struct MmaGemvShape {
   int split, depth, stages, tiles;
   bool lines;  // the ring's copies by whole rows (RowLines)
+  bool pdl;    // programmatic dependent launch (pdl.cuh; the ring kernel only)
 };
 
 template <typename T, typename W, bool kSiluMul, bool kNorm, bool kHi, int kDepth, int kTiles, bool kLines>
@@ -634,8 +641,8 @@ void launch_ring(const MmaGemvArgs& a, MmaGemvShape shape, cudaStream_t stream) 
   const size_t ring_bytes = static_cast<size_t>(shape.stages) * kDepth * kTiles * threads * sizeof(uint4);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(ring_bytes)));
-  kernel<<<static_cast<int>(blocks), threads, ring_bytes, stream>>>(a, shape.stages);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  pdl::launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(threads)), ring_bytes, stream,
+              shape.pdl, a, shape.stages);
 }
 
 template <typename T, typename W, bool kSiluMul, bool kNorm, bool kHi, int kDepth>
@@ -690,7 +697,7 @@ bool half_or_bf16(const torch::Tensor& t) {
 template <typename W>
 void run_gemv_mma(const torch::Tensor& x, const torch::Tensor& weight, const float* w_scale, double rms_eps,
                   bool silu_mul, const c10::optional<torch::Tensor>& residual, const torch::Tensor& out, int64_t split,
-                  int64_t depth, int64_t stages, int64_t tiles, int64_t copy_order) {
+                  int64_t depth, int64_t stages, int64_t tiles, int64_t copy_order, bool pdl) {
   constexpr bool e4m3 = std::is_same_v<W, E4m3>;
   const int64_t rows = x.size(0), n_dim = weight.size(0), k_dim = weight.size(1);
   TORCH_CHECK(x.size(1) == (silu_mul ? 2 * k_dim : k_dim),
@@ -728,7 +735,7 @@ void run_gemv_mma(const torch::Tensor& x, const torch::Tensor& weight, const flo
                      depth != 0 ? static_cast<int>(depth) : e4m3 ? kDefaultDepth : kDefaultDepthInputDtype,
                      stages != 0 ? static_cast<int>(stages) : kDefaultStages,
                      tiles != 0 ? static_cast<int>(tiles) : default_tiles,
-                     copy_order != 0 ? copy_order == 2 : !e4m3};
+                     copy_order != 0 ? copy_order == 2 : !e4m3, pdl};
   // 2 tiles take the ring with 1 or 2 chunks per batch. The ring's slots then take at most 8 stages x 2 chunks x
   // 2 tiles (or 4 chunks x 1 tile) x 256 threads x 16 B = 128 KiB, within the 227 KiB a Hopper block may take.
   TORCH_CHECK(shape.tiles == 1 || (shape.stages > 1 && shape.depth <= 2),
@@ -760,14 +767,14 @@ bool gemv_fp8_supported(const torch::Tensor& x, const torch::Tensor& q, const to
 
 void gemv_fp8_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, double rms_eps,
                    bool silu_mul, const c10::optional<torch::Tensor>& residual, const torch::Tensor& out,
-                   int64_t split, int64_t depth, int64_t stages, int64_t tiles, int64_t copy_order) {
+                   int64_t split, int64_t depth, int64_t stages, int64_t tiles, int64_t copy_order, bool pdl) {
   TORCH_CHECK(gemv_fp8_supported(x, q, scale),
               "gemv_fp8: x must be a contiguous fp16/bf16 [B, K] (or [B, 2K] with silu_mul), 1 <= B <= 16, q a "
               "contiguous float8_e4m3fn [N, K] and scale a contiguous float32 [N] on x's device, K % 16 == 0 and "
               "K < 2^29, x and q 16-byte aligned");
   TORCH_CHECK(!gemv::overlaps(out, scale), "gemv_fp8: out must not overlap scale");
   run_gemv_mma<E4m3>(x, q, scale.data_ptr<float>(), rms_eps, silu_mul, residual, out, split, depth, stages, tiles,
-                     copy_order);
+                     copy_order, pdl);
 }
 
 bool gemv_mma_supported(const torch::Tensor& x, const torch::Tensor& weight) {
@@ -778,12 +785,12 @@ bool gemv_mma_supported(const torch::Tensor& x, const torch::Tensor& weight) {
 
 void gemv_mma_cuda(const torch::Tensor& x, const torch::Tensor& weight, double rms_eps, bool silu_mul,
                    const c10::optional<torch::Tensor>& residual, const torch::Tensor& out, int64_t split,
-                   int64_t depth, int64_t stages, int64_t tiles, int64_t copy_order) {
+                   int64_t depth, int64_t stages, int64_t tiles, int64_t copy_order, bool pdl) {
   TORCH_CHECK(gemv_mma_supported(x, weight),
               "gemv_mma: x must be a contiguous fp16/bf16 [B, K] (or [B, 2K] with silu_mul), 1 <= B <= 16, weight a "
               "contiguous [N, K] of x's dtype on x's device, K % 8 == 0 and K < 2^29, both 16-byte aligned");
   run_gemv_mma<InputDtype>(x, weight, nullptr, rms_eps, silu_mul, residual, out, split, depth, stages, tiles,
-                           copy_order);
+                           copy_order, pdl);
 }
 
 void quantize_rows_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {

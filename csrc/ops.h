@@ -33,6 +33,8 @@ void check_sample_args(const torch::Tensor& logits, const torch::Tensor& history
                        const torch::Tensor& seed, const torch::Tensor& offset, const torch::Tensor& out);
 
 #ifdef HJCG_WITH_CUDA
+// `pdl` (decode_attention, rope_cache, gemv_fp8, gemv_mma): launch with programmatic dependent launch (pdl.cuh), so
+// the kernel's start overlaps the end of the kernel before it; ignored before sm_90.
 void sample_cuda(const torch::Tensor& logits, const torch::Tensor& history, const torch::Tensor& history_len,
                  const torch::Tensor& temperature, const torch::Tensor& top_k, const torch::Tensor& top_p,
                  const torch::Tensor& min_p, const torch::Tensor& repetition_penalty, const torch::Tensor& seed,
@@ -47,7 +49,7 @@ void pad_prompt_cuda(const torch::Tensor& prompt, int64_t start_pos, int64_t pad
 void decode_attention_cuda(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
                            const torch::Tensor& block_tables, const torch::Tensor& seq_lens, int64_t block_size,
                            double scale, const torch::Tensor& out, const torch::Tensor& workspace,
-                           const torch::Tensor& counters);
+                           const torch::Tensor& counters, bool pdl);
 void rms_norm_cuda(const torch::Tensor& x, const torch::Tensor& weight, double eps, const torch::Tensor& out);
 // qkv [S, (Hq + 2 Hkv) D]; cos, sin [T, D]; positions, slots [S] int64; q_out [S, Hq, D]; k_out, v_out
 // [S, Hkv, D] (the step's own K/V, for a prompt's attention); caches [slots, Hkv, D], row slots[s] written.
@@ -57,7 +59,7 @@ void rope_cache_cuda(const torch::Tensor& qkv, const torch::Tensor& cos, const t
                      const torch::Tensor& positions, const torch::Tensor& slots, int64_t heads, int64_t kv_heads,
                      const torch::Tensor& q_out, const torch::Tensor& k_out, const torch::Tensor& v_out,
                      const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                     const c10::optional<torch::Tensor>& norm_x, double eps);
+                     const c10::optional<torch::Tensor>& norm_x, double eps, bool pdl);
 void silu_mul_cuda(const torch::Tensor& gate_up, const torch::Tensor& out, const c10::optional<torch::Tensor>& norm_x,
                    double eps);
 // Decode GEMV for B = 1..8 rows (one token per stream): out [B, N] = residual + s * x' @ weight.T, per row b:
@@ -79,14 +81,14 @@ void gemv_cuda(const torch::Tensor& x, const torch::Tensor& weight, double rms_e
 bool gemv_fp8_supported(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale);
 void gemv_fp8_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, double rms_eps,
                    bool silu_mul, const c10::optional<torch::Tensor>& residual, const torch::Tensor& out,
-                   int64_t split, int64_t depth, int64_t stages, int64_t tiles, int64_t copy_order);
+                   int64_t split, int64_t depth, int64_t stages, int64_t tiles, int64_t copy_order, bool pdl);
 // The same tensor-core GEMV over fp16/bf16 weights of x's dtype (w_scale 1), for B = 1..16 rows: the decode steps of
 // more streams than gemv's CUDA cores serve at the copy rate. gemv_mma_supported: as gemv_fp8_supported with weight a
 // contiguous [N, K] of x's dtype, K % 8 == 0. split, depth, stages, tiles, copy_order: as for gemv_fp8.
 bool gemv_mma_supported(const torch::Tensor& x, const torch::Tensor& weight);
 void gemv_mma_cuda(const torch::Tensor& x, const torch::Tensor& weight, double rms_eps, bool silu_mul,
                    const c10::optional<torch::Tensor>& residual, const torch::Tensor& out, int64_t split,
-                   int64_t depth, int64_t stages, int64_t tiles, int64_t copy_order);
+                   int64_t depth, int64_t stages, int64_t tiles, int64_t copy_order, bool pdl);
 // Per-token e4m3 activations for the fp8 GEMMs: x [S, K] fp16/bf16 -> q [S, K] float8_e4m3fn and scale [S]
 // float32, bit for bit hjcg.fp8.quantize_rows (scale = amax / 448, or 1 for a zero row; q = e4m3(x / scale)).
 void quantize_rows_cuda(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale);

@@ -71,6 +71,12 @@ class EngineConfig:
     # faster at 1-2 rows but rounds differently from 3 rows on, so in fp16/bf16 a stream's logits (and, rarely,
     # a sampled token) can change as its batch crosses 2 and 8 rows. Above MMA_GEMV_MAX_ROWS rows cuBLAS runs.
     batch_invariant: bool = False
+    # The decode step's GEMVs, rope_cache and attention kernels launched with programmatic dependent launch
+    # (csrc/pdl.cuh; Hopper and newer, ignored before): each kernel starts while the one before it finishes and
+    # streams its first weights meanwhile. Measured on the H100, the Llama-2-7B decode chain of fp8 GEMVs 2.92 ->
+    # 2.81 ms, of tensor-core GEMVs over fp16 weights 4.96 -> 4.70 (bench/results/2026-11-24-h100-pdl-lab). The
+    # arithmetic is the same either way; off only to measure it.
+    pdl: bool = True
     # Decode steps queued on the GPU beyond the one the host is reading back (CUDA; the CPU runs none
     # ahead). One hides the host's per-step work; two also hide the gRPC front's threads holding the GIL:
     # 8 streams over gRPC, inter-token p99 7.1 ms at 2 against 9.7-10.0 at 1, 1 stream 5.3-5.6 against

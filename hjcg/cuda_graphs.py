@@ -96,8 +96,9 @@ class GraphRunner(EagerRunner):
         fused = config.mode == "hybrid"
         if fused:
             model.fold_norm_weights()
-        ops: LayerOps = (FusedCudaOps(config.gemv_max_rows, mma_gemv_max_rows=config.mma_gemv_max_rows)
-                         if fused else LayerOps())
+        ops: LayerOps = (FusedCudaOps(config.gemv_max_rows, mma_gemv_max_rows=config.mma_gemv_max_rows,
+                                      pdl=config.pdl) if fused else LayerOps())
+        self.pdl = config.pdl
         self.buckets = list(config.prefill_buckets)
         super().__init__(model, cache, max(batch_buckets), config.max_context + self.buckets[-1], self.buckets[-1],
                          ops, kernel_sampler=fused)
@@ -117,7 +118,8 @@ class GraphRunner(EagerRunner):
         self.pad_id = 0
         self.fallbacks = 0  # steps run eagerly because a capture failed
         if fused:
-            self._decode_attention = fused_decode_attention(cache, self.tables, self.seq_lens, ATTENTION_SPLITS)
+            self._decode_attention = fused_decode_attention(cache, self.tables, self.seq_lens, ATTENTION_SPLITS,
+                                                            self.pdl)
         else:  # the whole table: shapes that do not depend on the lengths
             self._decode_attention = paged_decode_attention(cache, self.tables, self.seq_lens)
         self.capture_decode_graphs()
@@ -232,7 +234,7 @@ class GraphRunner(EagerRunner):
         if not self.fused:
             return None
         if key not in self.row_attentions:
-            self.row_attentions[key] = fused_decode_attention(self.cache, tables, seq_lens, ATTENTION_SPLITS)
+            self.row_attentions[key] = fused_decode_attention(self.cache, tables, seq_lens, ATTENTION_SPLITS, self.pdl)
         return self.row_attentions[key]
 
     def _inputs(self, bucket: int) -> PrefillInputs:

@@ -30,10 +30,11 @@ class FusedCudaOps(LayerOps):
     kernel. Steps of more rows, up to mma_gemv_max_rows, run the tensor-core GEMV (same fusions). Every matrix may be
     an Fp8Weight (hjcg.fp8): up to fp8_gemv_max_rows rows then run the fp8 GEMV (the tensor-core GEMV on e4m3
     weights), more rows the fp8 GEMM (`fp8_gemm`); the deferred norm holds as well, per-row scales commuting with
-    the product."""
+    the product. pdl: the tensor-core GEMVs (fp8 and fp16/bf16 weights), rope_cache after a GEMV and the decode
+    attention launched with programmatic dependent launch (EngineConfig.pdl)."""
 
     def __init__(self, gemv_max_rows: int = 8, fp8_gemv_max_rows: int = FP8_GEMV_MAX_ROWS,
-                 fp8_gemm: str = FP8_GEMM, mma_gemv_max_rows: int = MMA_GEMV_MAX_ROWS):
+                 fp8_gemm: str = FP8_GEMM, mma_gemv_max_rows: int = MMA_GEMV_MAX_ROWS, pdl: bool = True):
         if fp8_gemm not in FP8_GEMMS:
             raise ValueError(f"fp8_gemm must be one of {FP8_GEMMS}, got {fp8_gemm!r}")
         # steps of more rows than both run cuBLAS GEMMs (see EngineConfig.gemv_max_rows and mma_gemv_max_rows)
@@ -41,6 +42,7 @@ class FusedCudaOps(LayerOps):
         self.mma_gemv_max_rows = mma_gemv_max_rows
         self.fp8_gemv_max_rows = fp8_gemv_max_rows
         self.fp8_gemm = fp8_gemm
+        self.pdl = pdl
 
     def _norm_deferrable(self, x: torch.Tensor, weight: Weight) -> bool:
         # more rows than the GEMV takes, and rows the kernels read as 16-byte vectors
@@ -57,16 +59,15 @@ class FusedCudaOps(LayerOps):
             return "tensor_cores"
         return None
 
-    @staticmethod
-    def _run_gemv(kind: str, x: torch.Tensor, weight: Weight, rms_eps: float, silu_mul: bool,
+    def _run_gemv(self, kind: str, x: torch.Tensor, weight: Weight, rms_eps: float, silu_mul: bool,
                   residual: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
         """The GEMV `kind` (what _gemv chose for x and weight) into out."""
         if kind == "fp8":
-            _C.gemv_fp8(x, weight.q, weight.scale, rms_eps, silu_mul, residual, out)
+            _C.gemv_fp8(x, weight.q, weight.scale, rms_eps, silu_mul, residual, out, pdl=self.pdl)
         elif kind == "cuda_cores":
-            _C.gemv(x, weight, rms_eps, silu_mul, residual, out)
+            _C.gemv(x, weight, rms_eps, silu_mul, residual, out)  # no PDL: measured slower (EngineConfig.pdl)
         else:
-            _C.gemv_mma(x, weight, rms_eps, silu_mul, residual, out)
+            _C.gemv_mma(x, weight, rms_eps, silu_mul, residual, out, pdl=self.pdl)
         return out
 
     def linear(self, x: torch.Tensor, weight: Weight) -> torch.Tensor:
@@ -95,7 +96,9 @@ class FusedCudaOps(LayerOps):
                         layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self._norm_deferrable(x, qkv_weight) or not self._rope_supported(model):
             return super().attention_input(x, norm_weight, eps, qkv_weight, positions, slots, model, cache, layer)
-        return self._rope_cache(self.linear(x, qkv_weight), positions, slots, model, cache, layer, x, eps)
+        # after a GEMM: no PDL (cuBLAS lets the next kernel launch early, and its waiting blocks then take SMs from
+        # the GEMM: prefill TTFT up to 0.6 ms worse, bench/results/2026-11-24-h100-pdl-lab)
+        return self._rope_cache(self.linear(x, qkv_weight), positions, slots, model, cache, layer, x, eps, False)
 
     def mlp(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up_weight: Weight,
             down_weight: Weight) -> torch.Tensor:
@@ -121,19 +124,18 @@ class FusedCudaOps(LayerOps):
                        cache: PagedKVCache, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self._rope_supported(model):
             return super().rope_and_cache(qkv, positions, slots, model, cache, layer)
-        return self._rope_cache(qkv, positions, slots, model, cache, layer, None, 0.0)
+        return self._rope_cache(qkv, positions, slots, model, cache, layer, None, 0.0, self.pdl)
 
-    @staticmethod
-    def _rope_cache(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, model: FastLlama,
-                    cache: PagedKVCache, layer: int, norm_x: torch.Tensor | None,
-                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _rope_cache(self, qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, model: FastLlama,
+                    cache: PagedKVCache, layer: int, norm_x: torch.Tensor | None, eps: float,
+                    pdl: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = model.shape
         n = qkv.shape[0]
         q = torch.empty(n, s.num_heads, s.head_dim, device=qkv.device, dtype=qkv.dtype)
         k = torch.empty(n, s.num_kv_heads, s.head_dim, device=qkv.device, dtype=qkv.dtype)
         v = torch.empty_like(k)
         _C.rope_cache(qkv, model.cos, model.sin, positions, slots, s.num_heads, s.num_kv_heads, q, k, v,
-                      cache.k[layer], cache.v[layer], norm_x, eps)
+                      cache.k[layer], cache.v[layer], norm_x, eps, pdl=pdl)
         return q, k, v
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -180,11 +182,11 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def paged_decode_attention(cache: PagedKVCache, tables: torch.Tensor, seq_lens: torch.Tensor,
-                           splits: int) -> Attention:
+                           splits: int, pdl: bool = True) -> Attention:
     """hjcg's split-K decode kernel: one query token per row, row b over positions [0, seq_lens[b]) of its
     stream through its block table (tables [B, W] int32, seq_lens [B] int64, both read on the device, so
     one graph serves every mix of lengths), in up to `splits` slices by its length. The workspace and the
-    splits' counters are kept for the attention's life: a captured graph uses them."""
+    splits' counters are kept for the attention's life: a captured graph uses them. pdl: as FusedCudaOps'."""
     scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -195,7 +197,7 @@ def paged_decode_attention(cache: PagedKVCache, tables: torch.Tensor, seq_lens: 
         ws, counters = scratch[(b, heads)]
         out = torch.empty_like(q)
         _C.decode_attention(q.contiguous(), cache.k[layer], cache.v[layer], tables[:b], seq_lens[:b],
-                            cache.block_size, dim ** -0.5, out, ws, counters)
+                            cache.block_size, dim ** -0.5, out, ws, counters, pdl=pdl)
         return out
 
     return attend

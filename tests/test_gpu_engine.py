@@ -242,6 +242,23 @@ def test_a_seeded_sampled_stream_draws_the_same_tokens_alone_and_in_a_batch_on_t
     assert collectors[1].ids == alone and len(set(alone)) > 5
 
 
+@pytest.mark.parametrize("weights", ["dtype", "fp8"])
+def test_programmatic_dependent_launch_changes_no_logit(weights):
+    # the decode step's kernels launched with it (EngineConfig.pdl, the default) or without: the same bits
+    rng = random.Random(4)
+    streams = [([rng.randrange(3, 49152) for _ in range(n)], p) for n, p in ((40, 10), (90, 60), (25, 5))]
+    got = {}
+    for pdl in (False, True):
+        loaded = random_llama("smollm2-135m", torch.float16, "cuda", seed=4)
+        engine = make_engine(loaded, "hybrid", "float16", weights=weights, pdl=pdl)
+        got[pdl] = teacher_forced_logits(engine, streams)
+        del engine, loaded
+        torch.cuda.empty_cache()
+    for without, with_pdl in zip(got[False], got[True]):
+        assert torch.isfinite(without).all()
+        assert torch.equal(without, with_pdl)
+
+
 def test_batch_buckets_serve_32_streams_and_shrink():
     loaded = random_llama("smollm2-135m", torch.float16, "cuda", seed=8)
     engine = make_engine(loaded, "hybrid", "float16")
