@@ -104,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="one arithmetic for a stream at any batch size up to 16 streams: decode always on the "
                    "tensor-core GEMV, joining prompts prefilled one by one (batch-1 decode about 5%% slower) "
                    "(default: off, the fastest GEMV for each batch size)")
+    s.add_argument("--no-pdl", action="store_true",
+                   help="launch the decode step's kernels without programmatic dependent launch, each only once the "
+                   "one before it has finished (for measuring; the arithmetic is the same) (default: with it, on "
+                   "Hopper GPUs and newer)")
     s.add_argument("--unread-timeout", type=float, default=DEFAULT_UNREAD_TIMEOUT_S, metavar="SECONDS",
                    help="a stream whose client takes no message for this long while tokens wait is cancelled, and "
                    "its client gets RESOURCE_EXHAUSTED: its batch row goes to others (default: %(default)s)")
@@ -142,7 +146,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         graph_cache_max_entries=args.graph_max_entries, graph_cache_max_bytes=args.graph_budget_mib << 20,
         max_batch=args.max_batch, max_waiting=max(1, args.queue_size), kv_cache_gib=args.kv_cache_gib,
         kv_cache_fraction=args.kv_cache_fraction, kv_block_size=args.kv_block_size,
-        decode_lookahead=args.decode_lookahead, batch_invariant=args.batch_invariant)
+        decode_lookahead=args.decode_lookahead, batch_invariant=args.batch_invariant, pdl=not args.no_pdl)
 
 
 def main(argv: list[str] | None = None) -> int:
