@@ -104,6 +104,13 @@ def test_a_batch_invariant_engine_prefills_streams_that_join_together_one_by_one
     drive(engine, collectors)
 
 
+def test_no_pdl_turns_programmatic_dependent_launch_off_and_it_is_on_by_default():
+    from hjcg_server.cli import _parser, engine_config
+
+    assert not engine_config(_parser().parse_args(["serve", "--device", "cpu", "--no-pdl"])).pdl
+    assert engine_config(_parser().parse_args(["serve"])).pdl
+
+
 def test_streams_that_join_together_prefill_in_one_forward_and_get_their_solo_results(tiny):
     prompts = [list(range(3, 3 + n)) for n in (5, 17, 1, 30)]
     requests = [GenerationRequest(p, 6, logprobs=3, ignore_eos=True) for p in prompts]
