@@ -71,9 +71,9 @@ class EngineConfig:
     # faster at 1-2 rows but rounds differently from 3 rows on, so in fp16/bf16 a stream's logits (and, rarely,
     # a sampled token) can change as its batch crosses 2 and 8 rows. Above MMA_GEMV_MAX_ROWS rows cuBLAS runs.
     batch_invariant: bool = False
-    # The decode step's GEMVs, rope_cache and attention kernels launched with programmatic dependent launch
-    # (csrc/pdl.cuh; Hopper and newer, ignored before): each kernel starts while the one before it finishes and
-    # streams its first weights meanwhile. Measured on the H100, the Llama-2-7B decode chain of fp8 GEMVs 2.92 ->
+    # The decode step's tensor-core GEMVs, rope_cache after a GEMV and the decode attention launched with
+    # programmatic dependent launch (csrc/pdl.cuh; Hopper and newer, ignored before): each starts while the kernel
+    # before it finishes, a GEMV streaming its first weights meanwhile (FusedCudaOps says which and why). Measured on the H100, the Llama-2-7B decode chain of fp8 GEMVs 2.92 ->
     # 2.81 ms, of tensor-core GEMVs over fp16 weights 4.96 -> 4.70 (bench/results/2026-11-24-h100-pdl-lab). The
     # arithmetic is the same either way; off only to measure it.
     pdl: bool = True

@@ -126,7 +126,8 @@ class FusedCudaOps(LayerOps):
             return super().rope_and_cache(qkv, positions, slots, model, cache, layer)
         return self._rope_cache(qkv, positions, slots, model, cache, layer, None, 0.0, self.pdl)
 
-    def _rope_cache(self, qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, model: FastLlama,
+    @staticmethod
+    def _rope_cache(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, model: FastLlama,
                     cache: PagedKVCache, layer: int, norm_x: torch.Tensor | None, eps: float,
                     pdl: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = model.shape
