@@ -57,13 +57,14 @@ CALLS = {"qkv": ("x", "qkv", EPS, False, False), "o": ("attn", "x", -1.0, False,
          "lm_head": ("x", "logits", EPS, False, False)}
 
 
-def call(shape: str, w: Fp8Weight, b: Buffers, launch: tuple[int, int, int, int] = (0, 0, 0, 0)) -> None:
+def call(shape: str, w: Fp8Weight, b: Buffers, launch: tuple = (0, 0, 0, 0)) -> None:
+    """`launch`: gemv_fp8's trailing arguments (split, depth, stages, tiles[, copy_order, pdl])."""
     inp, out, rms_eps, silu_mul, residual = CALLS[shape]
     dst = getattr(b, out)
     _C.gemv_fp8(getattr(b, inp), w.q, w.scale, rms_eps, silu_mul, dst if residual else None, dst, *launch)
 
 
-def fp8_chain(w: Fp8Weights, b: Buffers, launch: tuple[int, int, int, int]) -> None:
+def fp8_chain(w: Fp8Weights, b: Buffers, launch: tuple) -> None:
     b.x.copy_(b.x0)
     for layer in w.layers:
         for shape in SHAPES:

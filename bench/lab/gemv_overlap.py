@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from bench.common import cuda_time, environment, floors
-from bench.lab.fp8_gemv import Fp8Weights
-from bench.lab.gemv_rows import EPS, HIDDEN, FFN, SHAPES, Buffers, Weights, graph_of
+from bench.lab.fp8_gemv import Fp8Weights, fp8_chain
+from bench.lab.gemv_rows import EPS, HIDDEN, FFN, Buffers, Weights, gemv_chain, graph_of
 from hjcg import _C
 from hjcg.fp8 import quantize_weight
 
@@ -67,28 +67,7 @@ def hot(result: dict) -> None:
             del mats, mats16
 
 
-KIND = {"qkv": "norm", "o": "residual", "gate_up": "norm", "down": "silu"}
-INPUT = {"qkv": "x", "o": "attn", "gate_up": "x", "down": "gate_up"}
-OUTPUT = {"qkv": "qkv", "o": "x", "gate_up": "gate_up", "down": "x"}
-
-
 PDL_STAGES = (2, 3, 4, 6)
-
-
-def pdl_chain(fmt: str, w, b: Buffers, stages: int, pdl: bool) -> None:
-    """The chain through the tensor-core GEMV, over fp8 weights or fp16 ones."""
-    calls = [(shape, layer[shape]) for layer in w.layers for shape in SHAPES] + [("lm_head", w.lm_head)]
-    b.x.copy_(b.x0)
-    for shape, m in calls:
-        kind = "norm" if shape == "lm_head" else KIND[shape]
-        inp = b.x if shape == "lm_head" else getattr(b, INPUT[shape])
-        out = b.logits if shape == "lm_head" else getattr(b, OUTPUT[shape])
-        rms_eps = EPS if kind == "norm" else -1.0
-        residual = out if kind in ("residual", "silu") else None
-        if fmt == "fp16_mma":
-            _C.gemv_mma(inp, m, rms_eps, kind == "silu", residual, out, 0, 0, stages, 0, 0, pdl)
-        else:
-            _C.gemv_fp8(inp, m.q, m.scale, rms_eps, kind == "silu", residual, out, 0, 0, stages, 0, 0, pdl)
 
 
 def pdl(result: dict, w16: Weights, w8: Fp8Weights, b: Buffers) -> None:
@@ -96,7 +75,11 @@ def pdl(result: dict, w16: Weights, w8: Fp8Weights, b: Buffers) -> None:
         ref = None
         for stages in PDL_STAGES:
             for on in (False, True):
-                graph = graph_of(lambda: pdl_chain(fmt, w, b, stages, on))
+                launch = (0, 0, stages, 0, 0, on)  # split, depth, stages, tiles, copy_order, pdl
+                if fmt == "fp8":
+                    graph = graph_of(lambda: fp8_chain(w, b, launch))
+                else:
+                    graph = graph_of(lambda: gemv_chain(w, b, lambda *a: _C.gemv_mma(*a, *launch)))
                 logits = b.logits.clone()
                 ref = logits if ref is None else ref
                 s = cuda_time(graph.replay, warmup=5, repeat=30)
