@@ -73,9 +73,10 @@ class EngineConfig:
     batch_invariant: bool = False
     # The decode step's tensor-core GEMVs, rope_cache after a GEMV and the decode attention launched with
     # programmatic dependent launch (csrc/pdl.cuh; Hopper and newer, ignored before): each starts while the kernel
-    # before it finishes, a GEMV streaming its first weights meanwhile (FusedCudaOps says which and why). Measured on the H100, the Llama-2-7B decode chain of fp8 GEMVs 2.92 ->
-    # 2.81 ms, of tensor-core GEMVs over fp16 weights 4.96 -> 4.70 (bench/results/2026-11-24-h100-pdl-lab). The
-    # arithmetic is the same either way; off only to measure it.
+    # before it finishes, a GEMV streaming its first weights meanwhile (FusedCudaOps says which and why). Measured
+    # on the H100, the Llama-2-7B decode chain of fp8 GEMVs 2.92 -> 2.81 ms, of tensor-core GEMVs over fp16 weights
+    # 4.96 -> 4.70 (bench/results/2026-11-24-h100-pdl-lab). The arithmetic is the same either way; off only to
+    # measure it.
     pdl: bool = True
     # Decode steps queued on the GPU beyond the one the host is reading back (CUDA; the CPU runs none
     # ahead). One hides the host's per-step work; two also hide the gRPC front's threads holding the GIL:
