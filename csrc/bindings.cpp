@@ -42,6 +42,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &hjcg::decode_attention_cuda, py::arg("q"), py::arg("k_pool"), py::arg("v_pool"),
         py::arg("block_tables"), py::arg("seq_lens"), py::arg("block_size"), py::arg("scale"), py::arg("out"),
         py::arg("workspace"), py::arg("counters"), py::arg("pdl") = false);
+  m.def("rope_decode_attention", &hjcg::rope_decode_attention_cuda, py::arg("qkv"), py::arg("cos"), py::arg("sin"),
+        py::arg("k_pool"), py::arg("v_pool"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("block_size"),
+        py::arg("scale"), py::arg("out"), py::arg("workspace"), py::arg("counters"), py::arg("pdl") = false);
   m.def("rms_norm", &hjcg::rms_norm_cuda, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"));
   m.def("rope_cache", &hjcg::rope_cache_cuda, py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("positions"),
         py::arg("slots"), py::arg("heads"), py::arg("kv_heads"), py::arg("q_out"), py::arg("k_out"), py::arg("v_out"),

@@ -18,6 +18,16 @@ template <> __device__ __forceinline__ float from_float<float>(float x) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// RoPE of the pair (a, b) = (x[i], x[i + D/2]) with the cos and sin at the output's own dimension: the first
+// half's value a cos - b sin, the second's b cos + a sin. Each product rounded before the sum (no contraction into
+// an FMA), so every kernel that rotates (rope_cache, the decode attention) gets the same bits.
+__device__ __forceinline__ float rope_first(float a, float b, float c, float s) {
+  return __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+}
+__device__ __forceinline__ float rope_second(float a, float b, float c, float s) {
+  return __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll

@@ -138,8 +138,8 @@ __global__ void __launch_bounds__(kRopeThreads) rope_cache_kernel(
       const Two<T> s_lo = *reinterpret_cast<const Two<T>*>(s + i), s_hi = *reinterpret_cast<const Two<T>*>(s + i + half);
       auto rotate = [scale](T a_in, T b_in, T cos_lo, T sin_lo, T cos_hi, T sin_hi, T& lo, T& hi) {
         const float a = to_float(a_in) * scale, b = to_float(b_in) * scale;
-        lo = from_float<T>(a * to_float(cos_lo) - b * to_float(sin_lo));
-        hi = from_float<T>(b * to_float(cos_hi) + a * to_float(sin_hi));
+        lo = from_float<T>(rope_first(a, b, to_float(cos_lo), to_float(sin_lo)));
+        hi = from_float<T>(rope_second(a, b, to_float(cos_hi), to_float(sin_hi)));
       };
       rotate(lo_in.a, hi_in.a, c_lo.a, s_lo.a, c_hi.a, s_hi.a, lo_out.a, hi_out.a);
       rotate(lo_in.b, hi_in.b, c_lo.b, s_lo.b, c_hi.b, s_hi.b, lo_out.b, hi_out.b);

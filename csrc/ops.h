@@ -33,7 +33,7 @@ void check_sample_args(const torch::Tensor& logits, const torch::Tensor& history
                        const torch::Tensor& seed, const torch::Tensor& offset, const torch::Tensor& out);
 
 #ifdef HJCG_WITH_CUDA
-// `pdl` (decode_attention, rope_cache, gemv_fp8, gemv_mma): launch with programmatic dependent launch (pdl.cuh), so
+// `pdl` (decode_attention, rope_decode_attention, rope_cache, gemv_fp8, gemv_mma): launch with programmatic dependent launch (pdl.cuh), so
 // the kernel's start overlaps the end of the kernel before it; ignored before sm_90.
 void sample_cuda(const torch::Tensor& logits, const torch::Tensor& history, const torch::Tensor& history_len,
                  const torch::Tensor& temperature, const torch::Tensor& top_k, const torch::Tensor& top_p,
@@ -50,6 +50,14 @@ void decode_attention_cuda(const torch::Tensor& q, const torch::Tensor& k_pool, 
                            const torch::Tensor& block_tables, const torch::Tensor& seq_lens, int64_t block_size,
                            double scale, const torch::Tensor& out, const torch::Tensor& workspace,
                            const torch::Tensor& counters, bool pdl);
+// The decode step's RoPE and attention in one kernel: q and the newest position's K/V (position seq_lens[b] - 1) from
+// the QKV output qkv [B, (Hq + 2 Hkv) D], rotated with cos, sin [positions, D] (as rope_cache), the newest K/V stored
+// into the pools at that position's slot; then as decode_attention, with out [B, Hq, D].
+void rope_decode_attention_cuda(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                                const torch::Tensor& k_pool, const torch::Tensor& v_pool,
+                                const torch::Tensor& block_tables, const torch::Tensor& seq_lens, int64_t block_size,
+                                double scale, const torch::Tensor& out, const torch::Tensor& workspace,
+                                const torch::Tensor& counters, bool pdl);
 void rms_norm_cuda(const torch::Tensor& x, const torch::Tensor& weight, double eps, const torch::Tensor& out);
 // qkv [S, (Hq + 2 Hkv) D]; cos, sin [T, D]; positions, slots [S] int64; q_out [S, Hq, D]; k_out, v_out
 // [S, Hkv, D] (the step's own K/V, for a prompt's attention); caches [slots, Hkv, D], row slots[s] written.

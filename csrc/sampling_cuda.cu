@@ -69,10 +69,16 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   int64_t* hist = a.history + row * cap;
   const int64_t hist_len = min(max(a.history_len[row], int64_t(0)), cap);
 
-  // 1. repetition penalty into the workspace (reads the original logit: duplicates write the same value)
-  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) w[i] = to_float(l[i]);
-  __syncthreads();
-  if (penalty_active(penalty)) {
+  // 1. repetition penalty into the workspace (reads the original logit: duplicates write the same value). A greedy
+  //    row without a penalty needs no workspace: its argmax reads the logits themselves (one pass over the row
+  //    instead of three; the same values, so the same token).
+  const float temperature = a.temperature[row];
+  const bool penalize = penalty_active(penalty), weigh = temperature > 0.f;
+  if (penalize || weigh) {
+    for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) w[i] = to_float(l[i]);
+    __syncthreads();
+  }
+  if (penalize) {
     for (int64_t i = threadIdx.x; i < hist_len; i += blockDim.x) {
       const int64_t t = hist[i];
       if (t >= 0 && t < vocab) w[t] = penalize_logit(to_float(l[t]), penalty);
@@ -82,12 +88,15 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
 
   // 2. argmax (greedy answer, and the max for the softmax)
   ArgMax best{-INFINITY, INT64_MAX};
-  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) best = better(best, ArgMax{w[i], i});
+  if (penalize || weigh) {
+    for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) best = better(best, ArgMax{w[i], i});
+  } else {
+    for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) best = better(best, ArgMax{to_float(l[i]), i});
+  }
   best = block_argmax(best, shared, shared_i);
   int64_t token = best.index;
 
-  const float temperature = a.temperature[row];
-  if (temperature > 0.f) {
+  if (weigh) {
     // 3. unnormalised weights, the largest exactly 1
     const float inv_t = ieee_div(1.f, temperature);  // exact, as on the CPU
     for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) w[i] = expf((w[i] - best.value) * inv_t);

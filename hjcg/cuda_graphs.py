@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from hjcg.config import EngineConfig
-from hjcg.fused_ops import FusedCudaOps, paged_decode_attention as fused_decode_attention
+from hjcg.fused_ops import FusedCudaOps, paged_decode_attention as fused_decode_attention, rope_decode_attention
 from hjcg.kv_cache import TRASH_BLOCK, PagedKVCache
 from hjcg.llama import Attention, FastLlama, LayerOps, causal_self_attention, packed_self_attention, paged_decode_attention
 from hjcg.model_runner import EagerRunner
@@ -120,8 +120,11 @@ class GraphRunner(EagerRunner):
         if fused:
             self._decode_attention = fused_decode_attention(cache, self.tables, self.seq_lens, ATTENTION_SPLITS,
                                                             self.pdl)
+            self._qkv_attention = rope_decode_attention(model, cache, self.tables, self.seq_lens, ATTENTION_SPLITS,
+                                                        self.pdl)
         else:  # the whole table: shapes that do not depend on the lengths
             self._decode_attention = paged_decode_attention(cache, self.tables, self.seq_lens)
+            self._qkv_attention = None
         self.capture_decode_graphs()
 
     # --- decode -----------------------------------------------------------------------------------------
@@ -136,8 +139,9 @@ class GraphRunner(EagerRunner):
             if key in self.graphs:
                 reports.append({"phase": "decode", "length": bucket, "report": None})
                 continue
-            report = self.graphs.capture(key, lambda b=bucket: self._decode_step(b, self._decode_attention),
-                                         warmup=1, pin=True)
+            report = self.graphs.capture(
+                key, lambda b=bucket: self._decode_step(b, self._decode_attention, self._qkv_attention), warmup=1,
+                pin=True)
             if not report["captured"]:
                 self.fallbacks += 1
             reports.append({"phase": "decode", "length": bucket, "report": report})
@@ -146,10 +150,11 @@ class GraphRunner(EagerRunner):
 
     def _decode(self, n: int, bucket: int, max_len: int) -> None:
         if not self.graphs.replay(decode_key(bucket)):
-            self._decode_step(bucket, self._decode_attention)
+            self._decode_step(bucket, self._decode_attention, self._qkv_attention)
 
     def _forward(self, n: int, bucket: int, max_len: int) -> None:
-        self._replay_step(forward_key(bucket), lambda: self._forward_step(bucket, self._decode_attention))
+        self._replay_step(forward_key(bucket),
+                          lambda: self._forward_step(bucket, self._decode_attention, self._qkv_attention))
 
     def _sample(self, n: int, bucket: int) -> None:
         self._replay_step(sample_key(bucket), lambda: self._sample_step(bucket))

@@ -6,7 +6,7 @@ import torch
 from hjcg.config import MMA_GEMV_MAX_ROWS
 from hjcg.fp8 import FP8_DTYPE, Fp8Weight
 from hjcg.kv_cache import PagedKVCache
-from hjcg.llama import Attention, FastLlama, LayerOps, Weight
+from hjcg.llama import Attention, FastLlama, LayerOps, QkvAttention, Weight
 from hjcg.native import _C
 
 # The fp8 GEMV takes up to 16 rows (its mma's m). Measured on the H100 (bench/results/2026-11-23-h100-fp8-lab),
@@ -120,6 +120,13 @@ class FusedCudaOps(LayerOps):
             return self._run_gemv(kind, x, weight, eps, False, None, x.new_empty(x.shape[0], weight.shape[0]))
         return self.linear(self.rms_norm(x, norm_weight, eps), weight)
 
+    def attention_qkv(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qkv_weight: Weight,
+                      model: FastLlama) -> torch.Tensor | None:
+        # a GEMV's rows (a GEMM's keep the norm deferred to rope_cache: attention_input)
+        if self._gemv(x, qkv_weight) and self._rope_supported(model):
+            return self.norm_linear(x, norm_weight, eps, qkv_weight)
+        return None
+
     def rope_and_cache(self, qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, model: FastLlama,
                        cache: PagedKVCache, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self._rope_supported(model):
@@ -182,23 +189,54 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+class _Scratch:
+    """The split kernel's workspace and counters per (rows, heads), kept for the attention's life: a captured graph
+    uses them."""
+
+    def __init__(self, splits: int) -> None:
+        self.splits = splits
+        self.buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, rows: int, heads: int, dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if (rows, heads) not in self.buffers:
+            self.buffers[(rows, heads)] = (
+                torch.empty(rows * heads, self.splits, dim + 2, device=device, dtype=torch.float32),
+                torch.zeros(rows * heads, device=device, dtype=torch.int32))
+        return self.buffers[(rows, heads)]
+
+
 def paged_decode_attention(cache: PagedKVCache, tables: torch.Tensor, seq_lens: torch.Tensor,
                            splits: int, pdl: bool = True) -> Attention:
     """hjcg's split-K decode kernel: one query token per row, row b over positions [0, seq_lens[b]) of its
     stream through its block table (tables [B, W] int32, seq_lens [B] int64, both read on the device, so
-    one graph serves every mix of lengths), in up to `splits` slices by its length. The workspace and the
-    splits' counters are kept for the attention's life: a captured graph uses them. pdl: as FusedCudaOps'."""
-    scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    one graph serves every mix of lengths), in up to `splits` slices by its length. pdl: as FusedCudaOps'."""
+    scratch = _Scratch(splits)
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         b, heads, dim = q.shape
-        if (b, heads) not in scratch:
-            scratch[(b, heads)] = (torch.empty(b * heads, splits, dim + 2, device=q.device, dtype=torch.float32),
-                                   torch.zeros(b * heads, device=q.device, dtype=torch.int32))
-        ws, counters = scratch[(b, heads)]
+        ws, counters = scratch(b, heads, dim, q.device)
         out = torch.empty_like(q)
         _C.decode_attention(q.contiguous(), cache.k[layer], cache.v[layer], tables[:b], seq_lens[:b],
                             cache.block_size, dim ** -0.5, out, ws, counters, pdl=pdl)
+        return out
+
+    return attend
+
+
+def rope_decode_attention(model: FastLlama, cache: PagedKVCache, tables: torch.Tensor, seq_lens: torch.Tensor,
+                          splits: int, pdl: bool = True) -> QkvAttention:
+    """paged_decode_attention's kernel reading the QKV output itself: RoPE on q and on each row's newest K at position
+    seq_lens[b] - 1 (the rotation of rope_cache, bit for bit), that K/V stored into the cache, then the attention,
+    in one launch instead of two (bench/results/2026-11-25-h100-step-parts-lab)."""
+    scratch = _Scratch(splits)
+    s = model.shape
+
+    def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        b = qkv.shape[0]
+        ws, counters = scratch(b, s.num_heads, s.head_dim, qkv.device)
+        out = torch.empty(b, s.num_heads, s.head_dim, device=qkv.device, dtype=qkv.dtype)
+        _C.rope_decode_attention(qkv, model.cos, model.sin, cache.k[layer], cache.v[layer], tables[:b], seq_lens[:b],
+                                 cache.block_size, s.head_dim ** -0.5, out, ws, counters, pdl=pdl)
         return out
 
     return attend

@@ -26,6 +26,9 @@ from hjcg.kv_cache import PagedKVCache
 # attention(layer, q [R, Hq, D], k, v [S, Hkv, D] (the step's own, already in the cache), rows [R] | None)
 # -> [R, Hq, D]. rows: which of the step's S rows q holds (None: all, R = S).
 Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# A decode step's attention that applies RoPE itself: (layer, qkv [R, (Hq + 2 Hkv) D]) -> [R, Hq, D], each row's newest
+# position (seq_len - 1) rotated and its K/V stored into the cache in the same kernel (hjcg.fused_ops).
+QkvAttention = Callable[[int, torch.Tensor], torch.Tensor]
 # A weight matrix [N, K]: in the model's dtype, or e4m3 with per-row scales (FastLlama.quantize_weights)
 Weight = torch.Tensor | Fp8Weight
 
@@ -198,12 +201,14 @@ class FastLlama:
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: PagedKVCache,
                 attention: Attention, logit_rows: torch.Tensor | None, ops: "LayerOps | None" = None,
-                row_attention: Attention | None = None) -> torch.Tensor:
+                row_attention: Attention | None = None, qkv_attention: QkvAttention | None = None) -> torch.Tensor:
         """input_ids, positions, slots: [S] int64; logit_rows: [R] int64 row indices (None: all rows).
 
         Writes the step's K/V into `cache` at `slots` and returns logits [R, vocab] in float32.
         `ops` supplies the elementwise stages (plain torch by default; fused CUDA kernels in hybrid mode).
         `row_attention` serves the last layer's `logit_rows` alone (default: `attention` on those rows).
+        `qkv_attention` (a decode step: positions = seq_lens - 1 of its tables) replaces RoPE, the cache write and
+        `attention` wherever `ops.attention_qkv` gives the QKV output for it.
         """
         ops = ops or TORCH_OPS
         s = self.shape
@@ -211,14 +216,19 @@ class FastLlama:
         eps = s.rms_norm_eps
         last_layer = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            q, k, v = ops.attention_input(x, layer.input_norm, eps, layer.qkv, positions, slots, self, cache, i)
-            if i == last_layer and logit_rows is not None:
-                # Only the rows the lm head reads matter past the last layer's K/V (in the cache by now):
-                # its attention, o projection and MLP run on those rows alone (~2.5% of a prompt's FLOPs).
-                x, q = x.index_select(0, logit_rows), q.index_select(0, logit_rows)
-                out = (row_attention or attention)(i, q, k, v, logit_rows)
+            qkv = (ops.attention_qkv(x, layer.input_norm, eps, layer.qkv, self)
+                   if qkv_attention is not None and logit_rows is None else None)
+            if qkv is not None:
+                out = qkv_attention(i, qkv)
             else:
-                out = attention(i, q, k, v, None)
+                q, k, v = ops.attention_input(x, layer.input_norm, eps, layer.qkv, positions, slots, self, cache, i)
+                if i == last_layer and logit_rows is not None:
+                    # Only the rows the lm head reads matter past the last layer's K/V (in the cache by now):
+                    # its attention, o projection and MLP run on those rows alone (~2.5% of a prompt's FLOPs).
+                    x, q = x.index_select(0, logit_rows), q.index_select(0, logit_rows)
+                    out = (row_attention or attention)(i, q, k, v, logit_rows)
+                else:
+                    out = attention(i, q, k, v, None)
             x = ops.residual_linear(x, out.reshape(x.shape[0], -1), layer.o)
             x = ops.mlp(x, layer.post_norm, eps, layer.gate_up, layer.down)
         return ops.norm_linear(x, self.norm, eps, self.lm_head).float()
@@ -260,6 +270,12 @@ class LayerOps:
         """q, k, v of rope(rms_norm(x) @ qkv_weight.T) (see rope_and_cache); k and v go into the cache."""
         return self.rope_and_cache(self.norm_linear(x, norm_weight, eps, qkv_weight), positions, slots, model, cache,
                                    layer)
+
+    def attention_qkv(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qkv_weight: Weight,
+                      model: FastLlama) -> torch.Tensor | None:
+        """rms_norm(x) @ qkv_weight.T for a QkvAttention (RoPE in the attention's kernel), or None where
+        attention_input must run instead: these ops' own RoPE and cache write (the default)."""
+        return None
 
     def mlp(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up_weight: Weight,
             down_weight: Weight) -> torch.Tensor:

@@ -29,8 +29,8 @@ import torch
 from hjcg.config import MAX_DECODE_LOOKAHEAD
 from hjcg.kv_cache import TRASH_BLOCK, PagedKVCache
 from hjcg.logprobs import TopLogprobs, rows as logprob_rows, token_logprobs
-from hjcg.llama import (Attention, FastLlama, LayerOps, causal_self_attention, context_attention, packed_self_attention,
-                        paged_decode_attention)
+from hjcg.llama import (Attention, FastLlama, LayerOps, QkvAttention, causal_self_attention, context_attention,
+                        packed_self_attention, paged_decode_attention)
 from hjcg.packing import PackedPrompts, attention_mask
 from hjcg.requests import MAX_TOP_LOGPROBS
 from hjcg.row_sampler import RowSampler
@@ -286,17 +286,19 @@ class EagerRunner:
     def _sample(self, n: int, bucket: int) -> None:
         self._sample_step(n)
 
-    def _decode_step(self, b: int, attention: Attention) -> None:
+    def _decode_step(self, b: int, attention: Attention, qkv_attention: QkvAttention | None = None) -> None:
         """One token for rows [0, b): the step every runner runs (and the graph runner captures)."""
-        logits = self._forward_step(b, attention)
+        logits = self._forward_step(b, attention, qkv_attention)
         self.sampler.sample(logits, 0, self.tokens[:b])
 
-    def _forward_step(self, b: int, attention: Attention) -> torch.Tensor:
-        """Rows [0, b)'s logits (also kept in self.logits), their positions advanced."""
+    def _forward_step(self, b: int, attention: Attention, qkv_attention: QkvAttention | None = None) -> torch.Tensor:
+        """Rows [0, b)'s logits (also kept in self.logits), their positions advanced. qkv_attention: see
+        FastLlama.forward."""
         positions = self.positions[:b]
         slots = self.cache.slots_at(self.tables[:b], positions)
         torch.add(positions, 1, out=self.seq_lens[:b])
-        logits = self.model.forward(self.tokens[:b], positions, slots, self.cache, attention, None, self.ops)
+        logits = self.model.forward(self.tokens[:b], positions, slots, self.cache, attention, None, self.ops,
+                                    qkv_attention=qkv_attention)
         self.logits[:b].copy_(logits)
         positions.add_(self.live[:b])
         return logits

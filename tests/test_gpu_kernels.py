@@ -175,6 +175,65 @@ def test_decode_attention_row_depends_on_its_own_length_only_and_relaunches_bit_
     assert not batch[2].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 32, 128), (9, 3, 64)])
+def test_rope_decode_attention_gives_the_bits_of_rope_cache_then_decode_attention(dtype, heads, kv_heads, dim):
+    # rows of 1, 9, 70 and 300 positions (1, 2, 9 and 16 splits) and an empty one; the newest position of each is
+    # seq_len - 1. Both paths start from the same cache, NaN at every newest slot: each must write it first.
+    from hjcg.kv_cache import PagedKVCache
+
+    block_size, lengths = 16, [1, 9, 70, 300, 0]
+    rows, width = len(lengths), -(-max(lengths) // block_size)
+    caches = [PagedKVCache(1, rows * width + 1, block_size, kv_heads, dim, torch.device("cuda"), dtype) for _ in "ab"]
+    caches[0].k.normal_()
+    caches[0].v.normal_()
+    order = torch.randperm(rows * width, generator=torch.Generator().manual_seed(dim)) + 1
+    tables = order.view(rows, width).to(device="cuda", dtype=torch.int32)
+    seq_lens = torch.tensor(lengths, device="cuda")
+    positions = (seq_lens - 1).clamp(min=0)
+    slots = caches[0].slots_at(tables, positions)
+    live = seq_lens > 0
+    caches[0].k[0, slots[live]] = float("nan")
+    caches[0].v[0, slots[live]] = float("nan")
+    caches[1].k.copy_(caches[0].k)
+    caches[1].v.copy_(caches[0].v)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, device="cuda", dtype=dtype)
+    angles = torch.rand(max(lengths), dim, device="cuda") * 6.3
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    outs = [torch.full((rows, heads, dim), float("nan"), device="cuda", dtype=dtype) for _ in "ab"]
+    scratch = [(torch.empty(rows * heads, 16, dim + 2, device="cuda"),
+                torch.zeros(rows * heads, device="cuda", dtype=torch.int32)) for _ in "ab"]
+
+    q = torch.empty(rows, heads, dim, device="cuda", dtype=dtype)
+    k_new, v_new = (torch.empty(rows, kv_heads, dim, device="cuda", dtype=dtype) for _ in range(2))
+    # the empty row writes nothing in the fused kernel: leave rope_cache nothing to write for it either
+    _C.rope_cache(qkv[live], cos, sin, positions[live], slots[live], heads, kv_heads, q[:4], k_new[:4], v_new[:4],
+                  caches[0].k[0], caches[0].v[0])
+    q[4] = 0
+    _C.decode_attention(q, caches[0].k[0], caches[0].v[0], tables, seq_lens, block_size, dim ** -0.5, outs[0],
+                        *scratch[0])
+    _C.rope_decode_attention(qkv, cos, sin, caches[1].k[0], caches[1].v[0], tables, seq_lens, block_size,
+                             dim ** -0.5, outs[1], *scratch[1])
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[1], outs[0])
+    assert torch.equal(caches[1].k, caches[0].k) and torch.equal(caches[1].v, caches[0].v)
+    assert not scratch[1][1].any()
+
+
+def test_rope_decode_attention_rejects_a_qkv_of_the_wrong_width():
+    from hjcg.kv_cache import PagedKVCache
+
+    cache = PagedKVCache(1, 2, 16, 2, 64, torch.device("cuda"), torch.float16)
+    out = torch.empty(1, 4, 64, device="cuda", dtype=torch.float16)
+    cos = torch.ones(16, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="qkv must be contiguous"):
+        _C.rope_decode_attention(torch.zeros(1, 7 * 64, device="cuda", dtype=torch.float16), cos, cos, cache.k[0],
+                                 cache.v[0], torch.ones(1, 1, dtype=torch.int32, device="cuda"),
+                                 torch.ones(1, dtype=torch.int64, device="cuda"), 16, 0.125, out,
+                                 torch.empty(4, 16, 66, device="cuda"),
+                                 torch.zeros(4, dtype=torch.int32, device="cuda"))
+
+
 def test_decode_attention_rejects_counters_of_the_wrong_shape():
     from hjcg.kv_cache import PagedKVCache
 

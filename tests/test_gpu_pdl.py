@@ -59,3 +59,70 @@ def test_a_graph_of_dependent_gemvs_launched_with_pdl_gives_the_bits_of_one_laun
             assert torch.isfinite(h_ref).all()
             assert torch.equal(h, h_ref), (kind, rows, seed)
             assert torch.equal(t, t_ref), (kind, rows, seed)
+
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 8, 2, 128, 16
+
+
+def attention_step(w, x, qkv, cos, sin, positions, slots, q, k_new, v_new, cache, tables, seq_lens, out, ws,
+                   counters, fused: bool, pdl: bool) -> None:
+    """A decode step's attention: the qkv GEMV, then rope_cache (q, and the newest position's K/V into the cache) and
+    the decode attention over every position, the newest included; or (fused) rope_decode_attention, both in one."""
+    _C.gemv_fp8(x, w.q, w.scale, EPS, False, None, qkv, pdl=pdl)
+    if fused:
+        _C.rope_decode_attention(qkv, cos, sin, cache.k[0], cache.v[0], tables, seq_lens, BLOCK, HEAD_DIM ** -0.5,
+                                 out, ws, counters, pdl=pdl)
+        return
+    _C.rope_cache(qkv, cos, sin, positions, slots, HEADS, KV_HEADS, q, k_new, v_new, cache.k[0], cache.v[0],
+                  pdl=pdl)
+    _C.decode_attention(q, cache.k[0], cache.v[0], tables, seq_lens, BLOCK, HEAD_DIM ** -0.5, out, ws, counters,
+                        pdl=pdl)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_decode_attention_launched_with_pdl_reads_the_newest_position_only_after_the_kernel_before(fused):
+    # The attention loads the older positions before it waits for the kernel before it; the newest (written in the
+    # same step: by rope_cache, or from the GEMV's qkv by the fused kernel itself) only after. Lengths of one split,
+    # of several, and past 16 splits; before each replay the newest positions hold NaNs, so one read early would
+    # poison the output.
+    from hjcg.kv_cache import PagedKVCache
+
+    lengths = [1, 9, 70, 300]
+    rows, width = len(lengths), -(-max(lengths) // BLOCK)
+    cache = PagedKVCache(1, rows * width + 1, BLOCK, KV_HEADS, HEAD_DIM, torch.device("cuda"), torch.float16)
+    cache.k.normal_()
+    cache.v.normal_()
+    tables = (torch.arange(rows * width, dtype=torch.int32) + 1).view(rows, width).cuda()
+    seq_lens = torch.tensor(lengths, device="cuda")
+    positions = seq_lens - 1
+    slots = cache.slots_at(tables, positions)
+    w = weights("fp8", (HEADS + 2 * KV_HEADS) * HEAD_DIM, 7)
+    angles = torch.rand(max(lengths), HEAD_DIM, device="cuda") * 6.3
+    cos, sin = angles.cos().half(), angles.sin().half()
+    x = torch.empty(rows, HIDDEN, device="cuda", dtype=torch.float16)
+    qkv = torch.empty(rows, w.q.shape[0], device="cuda", dtype=torch.float16)
+    q = torch.empty(rows, HEADS, HEAD_DIM, device="cuda", dtype=torch.float16)
+    k_new, v_new = (torch.empty(rows, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.float16) for _ in range(2))
+    out = torch.empty_like(q)
+    ws = torch.empty(rows * HEADS, 16, HEAD_DIM + 2, device="cuda", dtype=torch.float32)
+    counters = torch.zeros(rows * HEADS, device="cuda", dtype=torch.int32)
+    args = (w, x, qkv, cos, sin, positions, slots, q, k_new, v_new, cache, tables, seq_lens, out, ws, counters)
+    with torch.inference_mode():
+        x.normal_()
+        attention_step(*args, fused, True)  # warm-up before the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            attention_step(*args, fused, True)
+        for seed in range(4):
+            torch.manual_seed(seed)
+            x.normal_()
+            attention_step(*args, fused, False)
+            ref = out.clone()
+            out.fill_(float("nan"))
+            cache.k[0, slots] = float("nan")  # what an attention that read the newest position early would see
+            cache.v[0, slots] = float("nan")
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.isfinite(ref).all()
+            assert torch.equal(out, ref), seed
