@@ -1,9 +1,11 @@
 // Programmatic dependent launch (Hopper, sm_90+): a kernel launched with it may start while the kernel before it in
 // the stream is still running. It does what does not depend on that kernel first (a GEMV requests its first weight
 // batches), then waits for it to finish and its writes to be visible (wait()), before it reads or writes anything
-// that kernel, or any earlier one, touches. launch_dependents() lets the next such kernel start once every block
-// of this grid has called it. Measured on the H100 (bench/results/2026-11-24-h100-pdl-lab): the fp8 decode GEMV
-// chain at Llama-2-7B 2.92 -> 2.81 ms, the tensor-core GEMV over fp16 weights 4.96 -> 4.70.
+// that kernel, or any earlier one it overlaps, touches. What was written before the step's first such kernel ran
+// (the lengths, the block tables, earlier steps' K/V) may be read before the wait: the decode attention does.
+// launch_dependents() lets the next such kernel start once every block of this grid has called it. Measured on the
+// H100 (bench/results/2026-11-24-h100-pdl-lab): the fp8 decode GEMV chain at Llama-2-7B 2.92 -> 2.81 ms, the
+// tensor-core GEMV over fp16 weights 4.96 -> 4.70.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>

@@ -227,7 +227,7 @@ def rope_decode_attention(model: FastLlama, cache: PagedKVCache, tables: torch.T
                           splits: int, pdl: bool = True) -> QkvAttention:
     """paged_decode_attention's kernel reading the QKV output itself: RoPE on q and on each row's newest K at position
     seq_lens[b] - 1 (the rotation of rope_cache, bit for bit), that K/V stored into the cache, then the attention,
-    in one launch instead of two (bench/results/2026-11-25-h100-step-parts-lab)."""
+    in one launch instead of two (bench/results/2026-11-24-h100-step-parts-lab)."""
     scratch = _Scratch(splits)
     s = model.shape
 
