@@ -9,6 +9,9 @@
 // row's own length alone, so a row's result does not depend on its neighbours (batch invariance).
 // GQA: query head h reads KV head h / (Hq / Hkv).
 //
+// rope_decode_attention runs the same kernel from the QKV output: RoPE on q and on the newest K (see RopeArgs), so a
+// hybrid decode step launches one kernel where rope_cache and the attention were two.
+//
 // Why one kernel: at decode lengths the split kernel and the former merge kernel were both latency-bound,
 // 3.05 us each per layer on the H100 at 10-74 positions (bench/results/2026-11-24-h100-fp8-step-lab).
 #include <c10/cuda/CUDAStream.h>
@@ -130,8 +133,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_attention_kernel(const T* 
   pdl::launch_dependents();
   // Before the wait (pdl.cuh), only what the kernels before did not write: the lengths and block tables (set before
   // the step's first fused kernel) and the K/V of every position but the newest, which earlier steps wrote. So the
-  // table lookups and those loads of the first step overlap the kernel before, rope_cache, which writes the newest
-  // position and q.
+  // table lookups and those loads of the first step overlap the kernel before: rope_cache, which writes q and the
+  // newest position, or (kRope) the QKV GEMV.
   const int row = blockIdx.z, heads = gridDim.x;
   const int head = row * heads + blockIdx.x, split = blockIdx.y;
   const int64_t len = a.seq_lens[row];
@@ -345,7 +348,8 @@ void decode_attention_cuda(const torch::Tensor& q, const torch::Tensor& k_pool, 
                            const torch::Tensor& block_tables, const torch::Tensor& seq_lens, int64_t block_size,
                            double scale, const torch::Tensor& out, const torch::Tensor& workspace,
                            const torch::Tensor& counters, bool pdl) {
-  attend<false>(q, k_pool, v_pool, block_tables, seq_lens, block_size, scale, out, workspace, counters, RopeArgs{}, pdl);
+  attend<false>(q, k_pool, v_pool, block_tables, seq_lens, block_size, scale, out, workspace, counters, RopeArgs{},
+                pdl);
 }
 
 void rope_decode_attention_cuda(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
@@ -358,8 +362,9 @@ void rope_decode_attention_cuda(const torch::Tensor& qkv, const torch::Tensor& c
   TORCH_CHECK(qkv.is_cuda() && qkv.is_contiguous() && qkv.dim() == 2 && qkv.size(0) == rows &&
                   qkv.size(1) == (heads + 2 * kv_heads) * dim && qkv.scalar_type() == out.scalar_type(),
               "qkv must be contiguous [B, (Hq + 2 Hkv) D] of out's dtype");
-  TORCH_CHECK(cos.is_cuda() && cos.is_contiguous() && cos.dim() == 2 && cos.size(1) == dim && cos.sizes() == sin.sizes() &&
-                  sin.is_contiguous() && cos.scalar_type() == out.scalar_type() && sin.scalar_type() == out.scalar_type(),
+  TORCH_CHECK(cos.is_cuda() && cos.is_contiguous() && cos.dim() == 2 && cos.size(1) == dim &&
+                  cos.sizes() == sin.sizes() && sin.is_contiguous() && cos.scalar_type() == out.scalar_type() &&
+                  sin.scalar_type() == out.scalar_type(),
               "cos and sin must be contiguous [positions, D] of out's dtype");
   // the newest position, seq_lens[b] - 1, must have a cos row: checked on the device would cost a sync, so the
   // caller bounds the lengths (the runner's positions never pass its rope tables)

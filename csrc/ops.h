@@ -33,8 +33,8 @@ void check_sample_args(const torch::Tensor& logits, const torch::Tensor& history
                        const torch::Tensor& seed, const torch::Tensor& offset, const torch::Tensor& out);
 
 #ifdef HJCG_WITH_CUDA
-// `pdl` (decode_attention, rope_decode_attention, rope_cache, gemv_fp8, gemv_mma): launch with programmatic dependent launch (pdl.cuh), so
-// the kernel's start overlaps the end of the kernel before it; ignored before sm_90.
+// `pdl` (decode_attention, rope_decode_attention, rope_cache, gemv_fp8, gemv_mma): launch with programmatic dependent
+// launch (pdl.cuh), so the kernel's start overlaps the end of the kernel before it; ignored before sm_90.
 void sample_cuda(const torch::Tensor& logits, const torch::Tensor& history, const torch::Tensor& history_len,
                  const torch::Tensor& temperature, const torch::Tensor& top_k, const torch::Tensor& top_p,
                  const torch::Tensor& min_p, const torch::Tensor& repetition_penalty, const torch::Tensor& seed,
