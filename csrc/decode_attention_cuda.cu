@@ -276,8 +276,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_attention_kernel(const T* 
 }
 
 template <typename T, int D, bool kRope>
-void launch(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& out,
-            const AttentionArgs& args, const RopeArgs& rope, dim3 grid, bool pdl) {
+void launch(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+            const torch::Tensor& out, const AttentionArgs& args, const RopeArgs& rope, dim3 grid, bool pdl) {
   using Raw = typename std::conditional<std::is_same<T, at::Half>::value, __half,
               typename std::conditional<std::is_same<T, at::BFloat16>::value, __nv_bfloat16, float>::type>::type;
   pdl::launch(decode_attention_kernel<Raw, D, kRope>, grid, dim3(kWarps * 32), 0, c10::cuda::getCurrentCUDAStream(),
@@ -357,7 +357,9 @@ void rope_decode_attention_cuda(const torch::Tensor& qkv, const torch::Tensor& c
                                 const torch::Tensor& block_tables, const torch::Tensor& seq_lens, int64_t block_size,
                                 double scale, const torch::Tensor& out, const torch::Tensor& workspace,
                                 const torch::Tensor& counters, bool pdl) {
-  TORCH_CHECK(out.is_cuda() && out.dim() == 3, "out must be a CUDA tensor [B, Hq, D]");
+  // out stands in for q in attend()'s checks (its shape is q's), so it is checked here under its own name
+  TORCH_CHECK(out.is_cuda() && out.dim() == 3 && out.is_contiguous(),
+              "out must be a contiguous CUDA tensor [B, Hq, D]");
   const int64_t rows = out.size(0), heads = out.size(1), dim = out.size(2), kv_heads = k_pool.size(1);
   TORCH_CHECK(qkv.is_cuda() && qkv.is_contiguous() && qkv.dim() == 2 && qkv.size(0) == rows &&
                   qkv.size(1) == (heads + 2 * kv_heads) * dim && qkv.scalar_type() == out.scalar_type(),

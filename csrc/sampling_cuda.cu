@@ -73,8 +73,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   //    row without a penalty needs no workspace: its argmax reads the logits themselves (one pass over the row
   //    instead of three; the same values, so the same token).
   const float temperature = a.temperature[row];
-  const bool penalize = penalty_active(penalty), weigh = temperature > 0.f;
-  if (penalize || weigh) {
+  const bool penalize = penalty_active(penalty), weigh = temperature > 0.f, use_workspace = penalize || weigh;
+  if (use_workspace) {
     for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) w[i] = to_float(l[i]);
     __syncthreads();
   }
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
 
   // 2. argmax (greedy answer, and the max for the softmax)
   ArgMax best{-INFINITY, INT64_MAX};
-  if (penalize || weigh) {
+  if (use_workspace) {
     for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) best = better(best, ArgMax{w[i], i});
   } else {
     for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) best = better(best, ArgMax{to_float(l[i]), i});

@@ -220,18 +220,25 @@ def test_rope_decode_attention_gives_the_bits_of_rope_cache_then_decode_attentio
     assert not scratch[1][1].any()
 
 
-def test_rope_decode_attention_rejects_a_qkv_of_the_wrong_width():
+def test_rope_decode_attention_rejects_a_qkv_of_the_wrong_width_and_a_strided_out_by_their_names():
     from hjcg.kv_cache import PagedKVCache
 
     cache = PagedKVCache(1, 2, 16, 2, 64, torch.device("cuda"), torch.float16)
-    out = torch.empty(1, 4, 64, device="cuda", dtype=torch.float16)
     cos = torch.ones(16, 64, device="cuda", dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="qkv must be contiguous"):
-        _C.rope_decode_attention(torch.zeros(1, 7 * 64, device="cuda", dtype=torch.float16), cos, cos, cache.k[0],
+
+    def call(qkv_width: int, out: torch.Tensor) -> None:
+        _C.rope_decode_attention(torch.zeros(1, qkv_width, device="cuda", dtype=torch.float16), cos, cos, cache.k[0],
                                  cache.v[0], torch.ones(1, 1, dtype=torch.int32, device="cuda"),
                                  torch.ones(1, dtype=torch.int64, device="cuda"), 16, 0.125, out,
                                  torch.empty(4, 16, 66, device="cuda"),
                                  torch.zeros(4, dtype=torch.int32, device="cuda"))
+
+    out = torch.empty(1, 4, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="qkv must be contiguous"):
+        call(7 * 64, out)
+    strided = torch.empty(1, 64, 4, device="cuda", dtype=torch.float16).transpose(1, 2)
+    with pytest.raises(RuntimeError, match="out must be a contiguous"):
+        call(8 * 64, strided)
 
 
 def test_decode_attention_rejects_counters_of_the_wrong_shape():
