@@ -34,8 +34,8 @@
 //
 // Batch invariance: row b's result is bit-identical whatever B is. Every kernel instance runs the same
 // instructions for any B (B only says which lanes load input rows and which outputs are written); C[b][n] of
-// an mma depends on row b of A and column n of B alone; the chunk order, the warps' order in the final sum and
-// the norm's per-lane then shuffle then per-warp order are fixed. With silu_mul and B = 1 the activation is
+// an mma depends on row b of A and column n of B alone; the chunk order, the warps' order in the final sums and
+// the norm's squares (square_sums: a row's own vectors in a fixed order) are fixed. With silu_mul and B = 1 the activation is
 // computed in the kernel (each lane two values, moved into the fragments by shuffles); for B > 1 a small kernel
 // (gemv::silu_mul_rows) computes it first into a [B, K] buffer with the same expression (silu_mul_rounded):
 // computing B rows' activations in every block would make the kernel bound on the special-function units.
@@ -229,17 +229,6 @@ __device__ __forceinline__ void to_words(const uint4* v, uint32_t (&words)[4 * k
   }
 }
 
-template <typename T, int kWords>
-__device__ __forceinline__ float sum_squares(const uint32_t (&words)[kWords], float acc) {
-#pragma unroll
-  for (int i = 0; i < kWords; ++i) {
-    const float2 f = gemv::word_to_float2<T>(words[i]);
-    acc = fmaf(f.x, f.x, acc);
-    acc = fmaf(f.y, f.y, acc);
-  }
-  return acc;
-}
-
 // The one-row activation of a chunk, spread over the warp: lane l computes columns 2l, 2l+1 of the chunk from its
 // gate and up words, and lane (g, t) takes the 16 columns 16t..16t+15 by shuffles (8 words); rows other than 0
 // (g != 0) get zeros. (e4m3 weights only: 16 columns per lane.)
@@ -256,13 +245,11 @@ __device__ __forceinline__ void silu_mul_fragment(uint32_t gate, uint32_t up, in
   }
 }
 
-// A chunk's A fragments for a lane: input rows g and g + 8 at its columns (in) as words of T2 (lo, hi); kNorm
-// adds the rows' squares into sq.
-template <typename T, typename W, bool kSiluMul, bool kNorm, bool kHi>
+// A chunk's A fragments for a lane: input rows g and g + 8 at its columns (in) as words of T2 (lo, hi).
+template <typename T, typename W, bool kSiluMul, bool kHi>
 __device__ __forceinline__ void chunk_inputs(const uint4 (&in)[LaneStreams<T, W, kSiluMul, kHi>::kInputVectors],
                                              int lane, uint32_t (&lo)[LaneStreams<T, W, kSiluMul, kHi>::kWords],
-                                             uint32_t (&hi)[LaneStreams<T, W, kSiluMul, kHi>::kWords],
-                                             float (&sq)[2]) {
+                                             uint32_t (&hi)[LaneStreams<T, W, kSiluMul, kHi>::kWords]) {
   using Streams = LaneStreams<T, W, kSiluMul, kHi>;
   if constexpr (kSiluMul) {
     silu_mul_fragment<T>(in[0].x, in[0].y, lane, lo);
@@ -270,29 +257,64 @@ __device__ __forceinline__ void chunk_inputs(const uint4 (&in)[LaneStreams<T, W,
     to_words<Streams::kRowVectors>(in, lo);
     if constexpr (kHi) to_words<Streams::kRowVectors>(in + Streams::kRowVectors, hi);
   }
-  if constexpr (kNorm) {
-    sq[0] = sum_squares<T>(lo, sq[0]);
-    if constexpr (kHi) sq[1] = sum_squares<T>(hi, sq[1]);
-  }
 }
 
-template <typename T, typename W, bool kSiluMul, bool kNorm, bool kHi>
+template <typename T, typename W, bool kSiluMul, bool kHi>
 __device__ __forceinline__ void sum_chunk(const uint4& w,
                                           const uint4 (&in)[LaneStreams<T, W, kSiluMul, kHi>::kInputVectors],
-                                          int lane, float (&acc)[4], float (&sq)[2]) {
+                                          int lane, float (&acc)[4]) {
   constexpr int kWords = LaneStreams<T, W, kSiluMul, kHi>::kWords;
   uint32_t lo[kWords], hi[kWords] = {};
-  chunk_inputs<T, W, kSiluMul, kNorm, kHi>(in, lane, lo, hi, sq);
+  chunk_inputs<T, W, kSiluMul, kHi>(in, lane, lo, hi);
   chunk_mma<T, W>(w, lo, hi, acc);
 }
 
-// The block's end: the warps' partial sums (and the norm's sums of squares) added in warp order through shared
+// The warps' sums of squares of the norm's input rows, [warp][row], added in warp order by finish_block.
+using SquareSums = float[kMaxSplit][kMaxInputRows];
+
+// The norm's sums of squares, once per block before its main loop: thread i squares 16-byte vectors i, i +
+// threads, ... of each input row, then each warp adds its lanes by shuffles. A row's sum depends on the row, K and
+// the block's shape alone, not on B. Why not in the main loop: squaring there, in every lane and chunk, took the
+// one-row kernel from 48 to 54 registers (5 -> 4 blocks per SM) and cost 0.08-0.13 ms a step, on the CUDA cores
+// or as tensor-core mmas alike (bench/results/2026-11-24-h100-step-parts-lab, -norm-lab); here the block's threads
+// share each row once, and x comes from L2 (and stays in L1 for the loop).
+template <typename T, bool kHi>
+__device__ __forceinline__ void square_sums(const MmaGemvArgs& a, SquareSums& sums) {
+  constexpr int kRows = kHi ? kMaxInputRows : kRowsPerBlock;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int vectors = static_cast<int>(a.k_dim / 8);
+  float ss[kRows] = {};
+#pragma unroll
+  for (int b = 0; b < kRows; ++b) {
+    if (b >= a.rows) break;
+    const auto* row = reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) + b * a.k_dim);
+    for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
+      const uint4 raw = __ldg(row + v);
+      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+      for (uint32_t word : words) {
+        const float2 f = gemv::word_to_float2<T>(word);
+        ss[b] = fmaf(f.x, f.x, ss[b]);
+        ss[b] = fmaf(f.y, f.y, ss[b]);
+      }
+    }
+  }
+#pragma unroll
+  for (int b = 0; b < kRows; ++b) {
+    if (b >= a.rows) break;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss[b] += __shfl_xor_sync(0xffffffffu, ss[b], o);
+    if (lane == 0) sums[warp][b] = ss[b];
+  }
+}
+
+// The block's end: the warps' partial sums (and the norm's sums of squares, square_sums) added in warp order through shared
 // memory, then out = residual + scale * w_scale * dot for the block's kTiles x 8 weight rows.
 template <typename T, bool kNorm, bool kHi, int kTiles>
-__device__ __forceinline__ void finish_block(const MmaGemvArgs& a, const float (&acc)[kTiles][2][4], float (&sq)[2]) {
+__device__ __forceinline__ void finish_block(const MmaGemvArgs& a, const float (&acc)[kTiles][2][4],
+                                             const SquareSums& partial_sq) {
   constexpr int kRows = kTiles * kRowsPerBlock;
   __shared__ float partial[kMaxSplit][kMaxInputRows][kRows];
-  __shared__ float partial_sq[kMaxSplit][kMaxInputRows];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int split = blockDim.x >> 5;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
@@ -304,17 +326,6 @@ __device__ __forceinline__ void finish_block(const MmaGemvArgs& a, const float (
     if constexpr (kHi) {
       partial[warp][g + 8][n] = acc[j][0][2] + acc[j][1][2];
       partial[warp][g + 8][n + 1] = acc[j][0][3] + acc[j][1][3];
-    }
-  }
-  if constexpr (kNorm) {  // over the 4 lanes of a row, then (below) over the warps in order
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      sq[r] += __shfl_xor_sync(0xffffffffu, sq[r], 1);
-      sq[r] += __shfl_xor_sync(0xffffffffu, sq[r], 2);
-    }
-    if (t == 0) {
-      partial_sq[warp][g] = sq[0];
-      if constexpr (kHi) partial_sq[warp][g + 8] = sq[1];
     }
   }
   __syncthreads();
@@ -367,7 +378,7 @@ __device__ __forceinline__ LaneStreams<T, W, kSiluMul, kHi> lane_streams(const M
   return streams;
 }
 
-// kNorm: accumulate the rows' sums of squares (rms_eps >= 0). kHi: input rows 8..15 present (B > 8). kDepth:
+// kNorm: the rows' sums of squares first (square_sums; rms_eps >= 0). kHi: input rows 8..15 present (B > 8). kDepth:
 // chunks per warp and batch. The register path (stages = 1): the next batch's weights in registers.
 template <typename T, typename W, bool kSiluMul, bool kNorm, bool kHi, int kDepth>
 __global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_kernel(const MmaGemvArgs a) {
@@ -390,8 +401,9 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_kernel(const MmaGemvA
   // C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1] (input row, weight row of the block), in two accumulators
   // (even and odd chunks of a batch) so that an mma waits on the one before the last, not the last
   float acc[1][2][4] = {};
-  float sq[2] = {};  // sums of squares of input rows g and g + 8 over this lane's columns
+  __shared__ SquareSums sq;
   load_weights(warp * kDepth);
+  if constexpr (kNorm) square_sums<T, kHi>(a, sq);
   for (int c0 = warp * kDepth; c0 < chunks; c0 += stride) {
     uint4 w[kDepth];
 #pragma unroll
@@ -403,7 +415,7 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_kernel(const MmaGemvA
 #pragma unroll
     for (int u = 0; u < kDepth; ++u) {
       if (c0 + u >= chunks) break;  // uniform over the warp
-      sum_chunk<T, W, kSiluMul, kNorm, kHi>(w[u], in[u], lane, acc[0][u & 1], sq);
+      sum_chunk<T, W, kSiluMul, kHi>(w[u], in[u], lane, acc[0][u & 1]);
     }
   }
   finish_block<T, kNorm, kHi, 1>(a, acc, sq);
@@ -540,7 +552,7 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_ring_kernel(const Mma
     commit_async();
   };
   float acc[kTiles][2][4] = {};
-  float sq[2] = {};
+  __shared__ SquareSums sq;
   const int first = warp * kDepth;
   for (int i = 0; i < stages; ++i) fill(first + i * stride, i);
   // Programmatic dependent launch (pdl.cuh; nothing without it): the weights are constants, so their first
@@ -548,6 +560,7 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_ring_kernel(const Mma
   // its own weight reads as this grid's blocks start.
   pdl::launch_dependents();
   pdl::wait();
+  if constexpr (kNorm) square_sums<T, kHi>(a, sq);
   int stage = 0;
   for (int c0 = first; c0 < chunks; c0 += stride) {
     uint4 in[kDepth][Streams::kInputVectors];
@@ -559,7 +572,7 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_ring_kernel(const Mma
     for (int u = 0; u < kDepth; ++u) {
       if (c0 + u >= chunks) break;  // uniform over the warp
       uint32_t lo[Streams::kWords], hi[Streams::kWords] = {};
-      chunk_inputs<T, W, kSiluMul, kNorm, kHi>(in[u], lane, lo, hi, sq);
+      chunk_inputs<T, W, kSiluMul, kHi>(in[u], lane, lo, hi);
 #pragma unroll
       for (int j = 0; j < kTiles; ++j) chunk_mma<T, W>(*slot(stage, u, j), lo, hi, acc[j][u & 1]);
     }
