@@ -272,39 +272,59 @@ __device__ __forceinline__ void sum_chunk(const uint4& w,
 // The warps' sums of squares of the norm's input rows, [warp][row], added in warp order by finish_block.
 using SquareSums = float[kMaxSplit][kMaxInputRows];
 
-// The norm's sums of squares, once per block before its main loop: thread i squares 16-byte vectors i, i +
-// threads, ... of each input row, then each warp adds its lanes by shuffles. A row's sum depends on the row, K and
-// the block's shape alone, not on B. Why not in the main loop: squaring there, in every lane and chunk, took the
+// The norm's rows loaded together by square_sums, by weight format (see there).
+template <typename W>
+constexpr int kSquareGroup = std::is_same_v<W, E4m3> ? 4 : 2;
+
+// The norm's sums of squares, once per block before its main loop: thread i squares 16-byte vectors i, i + threads,
+// ... of each input row, in that order, then each warp adds its lanes by shuffles. A row's sum depends on the row, K
+// and the block's shape alone, not on B. The loads of kGroup rows and 2 vectors are issued together (predicated, not
+// branched around, so that they can be): one row at a time made a 10-row GEMV wait for 10 L2 round trips, and a
+// 10-token fp8 prefill 0.46 ms longer. Why not in the main loop: squaring there, in every lane and chunk, took the
 // one-row kernel from 48 to 54 registers (5 -> 4 blocks per SM) and cost 0.08-0.13 ms a step, on the CUDA cores
-// or as tensor-core mmas alike (bench/results/2026-11-24-h100-step-parts-lab, -norm-lab); here the block's threads
-// share each row once, and x comes from L2 (and stays in L1 for the loop).
-template <typename T, bool kHi>
+// or as tensor-core mmas alike (bench/results/2026-11-24-h100-norm-lab). kGroup: rows loaded together, the most
+// that keeps the kernel's registers where they were without the norm (ptxas -v; e4m3 weights 4, fp16/bf16 2: one
+// more group there took their one-tile kernel from 58 to 67 registers, 4 -> 3 blocks per SM). A row's bits do not
+// depend on kGroup.
+template <typename T, int kGroup>
 __device__ __forceinline__ void square_sums(const MmaGemvArgs& a, SquareSums& sums) {
-  constexpr int kRows = kHi ? kMaxInputRows : kRowsPerBlock;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  constexpr int kUnroll = 2;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, threads = blockDim.x;
   const int vectors = static_cast<int>(a.k_dim / 8);
-  float ss[kRows] = {};
+  const T* x = static_cast<const T*>(a.x);
+  for (int b0 = 0; b0 < a.rows; b0 += kGroup) {
+    float ss[kGroup] = {};
+    for (int v0 = threadIdx.x; v0 < vectors; v0 += kUnroll * threads) {
+      uint4 raw[kUnroll][kGroup];
 #pragma unroll
-  for (int b = 0; b < kRows; ++b) {
-    if (b >= a.rows) break;
-    const auto* row = reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) + b * a.k_dim);
-    for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
-      const uint4 raw = __ldg(row + v);
-      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+      for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
-      for (uint32_t word : words) {
-        const float2 f = gemv::word_to_float2<T>(word);
-        ss[b] = fmaf(f.x, f.x, ss[b]);
-        ss[b] = fmaf(f.y, f.y, ss[b]);
+        for (int r = 0; r < kGroup; ++r) {
+          const int v = v0 + u * threads;
+          const auto* row = reinterpret_cast<const uint4*>(x + (b0 + r) * a.k_dim);
+          raw[u][r] = b0 + r < a.rows && v < vectors ? __ldg(row + v) : make_uint4(0, 0, 0, 0);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {  // vector v0 before v0 + threads: a missing one adds +0, no change
+#pragma unroll
+        for (int r = 0; r < kGroup; ++r) {
+          const uint32_t words[4] = {raw[u][r].x, raw[u][r].y, raw[u][r].z, raw[u][r].w};
+#pragma unroll
+          for (uint32_t word : words) {
+            const float2 f = gemv::word_to_float2<T>(word);
+            ss[r] = fmaf(f.x, f.x, ss[r]);
+            ss[r] = fmaf(f.y, f.y, ss[r]);
+          }
+        }
       }
     }
-  }
 #pragma unroll
-  for (int b = 0; b < kRows; ++b) {
-    if (b >= a.rows) break;
+    for (int r = 0; r < kGroup; ++r) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss[b] += __shfl_xor_sync(0xffffffffu, ss[b], o);
-    if (lane == 0) sums[warp][b] = ss[b];
+      for (int o = 16; o > 0; o >>= 1) ss[r] += __shfl_xor_sync(0xffffffffu, ss[r], o);
+      if (lane == 0 && b0 + r < a.rows) sums[warp][b0 + r] = ss[r];
+    }
   }
 }
 
@@ -403,7 +423,7 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_kernel(const MmaGemvA
   float acc[1][2][4] = {};
   __shared__ SquareSums sq;
   load_weights(warp * kDepth);
-  if constexpr (kNorm) square_sums<T, kHi>(a, sq);
+  if constexpr (kNorm) square_sums<T, kSquareGroup<W>>(a, sq);
   for (int c0 = warp * kDepth; c0 < chunks; c0 += stride) {
     uint4 w[kDepth];
 #pragma unroll
@@ -560,7 +580,7 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_ring_kernel(const Mma
   // its own weight reads as this grid's blocks start.
   pdl::launch_dependents();
   pdl::wait();
-  if constexpr (kNorm) square_sums<T, kHi>(a, sq);
+  if constexpr (kNorm) square_sums<T, kSquareGroup<W>>(a, sq);
   int stage = 0;
   for (int c0 = first; c0 < chunks; c0 += stride) {
     uint4 in[kDepth][Streams::kInputVectors];
