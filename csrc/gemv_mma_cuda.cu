@@ -35,7 +35,8 @@
 // Batch invariance: row b's result is bit-identical whatever B is. Every kernel instance runs the same
 // instructions for any B (B only says which lanes load input rows and which outputs are written); C[b][n] of
 // an mma depends on row b of A and column n of B alone; the chunk order, the warps' order in the final sums and
-// the norm's squares (square_sums: a row's own vectors in a fixed order) are fixed. With silu_mul and B = 1 the activation is
+// the norm's order (per lane over its chunks, then shuffles, then warps; one row computes the same sums before
+// its main loop, see square_sums_before) are fixed. With silu_mul and B = 1 the activation is
 // computed in the kernel (each lane two values, moved into the fragments by shuffles); for B > 1 a small kernel
 // (gemv::silu_mul_rows) computes it first into a [B, K] buffer with the same expression (silu_mul_rounded):
 // computing B rows' activations in every block would make the kernel bound on the special-function units.
@@ -88,6 +89,11 @@ constexpr int kMaxStages = 8;
 // fragment order and the shape above.
 constexpr int kDefaultDepthInputDtype = 4;
 constexpr float kFp8Max = 448.f;    // e4m3's largest finite value (hjcg.fp8.FP8_MAX)
+
+// Where a kernel computes the norm's sums of squares (rms_eps >= 0): kNone, no norm; kInLoop, each lane adds its
+// chunks' squares as the main loop loads them (several rows); kBefore, before the main loop (one row: see
+// square_sums_before). Both give a row the same bits.
+enum class Norm { kNone, kInLoop, kBefore };
 
 // The mma on T, and two e4m3 weights (the lower-indexed in the low byte) as one 32-bit word of T2, exactly.
 template <typename T> struct Mma;
@@ -245,11 +251,27 @@ __device__ __forceinline__ void silu_mul_fragment(uint32_t gate, uint32_t up, in
   }
 }
 
-// A chunk's A fragments for a lane: input rows g and g + 8 at its columns (in) as words of T2 (lo, hi).
-template <typename T, typename W, bool kSiluMul, bool kHi>
+// A lane's squares of one chunk's values of a row (its words), summed from 0 in column order: the term that both
+// ways of computing the norm add per chunk.
+template <typename T, int kWords>
+__device__ __forceinline__ float chunk_squares(const uint32_t (&words)[kWords]) {
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) {
+    const float2 f = gemv::word_to_float2<T>(words[i]);
+    sum = fmaf(f.x, f.x, sum);
+    sum = fmaf(f.y, f.y, sum);
+  }
+  return sum;
+}
+
+// A chunk's A fragments for a lane: input rows g and g + 8 at its columns (in) as words of T2 (lo, hi); with
+// Norm::kInLoop their chunk_squares are added to sq.
+template <typename T, typename W, bool kSiluMul, Norm kNorm, bool kHi>
 __device__ __forceinline__ void chunk_inputs(const uint4 (&in)[LaneStreams<T, W, kSiluMul, kHi>::kInputVectors],
                                              int lane, uint32_t (&lo)[LaneStreams<T, W, kSiluMul, kHi>::kWords],
-                                             uint32_t (&hi)[LaneStreams<T, W, kSiluMul, kHi>::kWords]) {
+                                             uint32_t (&hi)[LaneStreams<T, W, kSiluMul, kHi>::kWords],
+                                             float (&sq)[2]) {
   using Streams = LaneStreams<T, W, kSiluMul, kHi>;
   if constexpr (kSiluMul) {
     silu_mul_fragment<T>(in[0].x, in[0].y, lane, lo);
@@ -257,82 +279,83 @@ __device__ __forceinline__ void chunk_inputs(const uint4 (&in)[LaneStreams<T, W,
     to_words<Streams::kRowVectors>(in, lo);
     if constexpr (kHi) to_words<Streams::kRowVectors>(in + Streams::kRowVectors, hi);
   }
+  if constexpr (kNorm == Norm::kInLoop) {
+    sq[0] += chunk_squares<T>(lo);
+    if constexpr (kHi) sq[1] += chunk_squares<T>(hi);
+  }
 }
 
-template <typename T, typename W, bool kSiluMul, bool kHi>
+template <typename T, typename W, bool kSiluMul, Norm kNorm, bool kHi>
 __device__ __forceinline__ void sum_chunk(const uint4& w,
                                           const uint4 (&in)[LaneStreams<T, W, kSiluMul, kHi>::kInputVectors],
-                                          int lane, float (&acc)[4]) {
+                                          int lane, float (&acc)[4], float (&sq)[2]) {
   constexpr int kWords = LaneStreams<T, W, kSiluMul, kHi>::kWords;
   uint32_t lo[kWords], hi[kWords] = {};
-  chunk_inputs<T, W, kSiluMul, kHi>(in, lane, lo, hi);
+  chunk_inputs<T, W, kSiluMul, kNorm, kHi>(in, lane, lo, hi, sq);
   chunk_mma<T, W>(w, lo, hi, acc);
 }
 
 // The warps' sums of squares of the norm's input rows, [warp][row], added in warp order by finish_block.
 using SquareSums = float[kMaxSplit][kMaxInputRows];
 
-// The norm's rows loaded together by square_sums, by weight format (see there).
-template <typename W>
-constexpr int kSquareGroup = std::is_same_v<W, E4m3> ? 4 : 2;
-
-// The norm's sums of squares, once per block before its main loop: thread i squares 16-byte vectors i, i + threads,
-// ... of each input row, in that order, then each warp adds its lanes by shuffles. A row's sum depends on the row, K
-// and the block's shape alone, not on B. The loads of kGroup rows and 2 vectors are issued together (predicated, not
-// branched around, so that they can be): one row at a time made a 10-row GEMV wait for 10 L2 round trips, and a
-// 10-token fp8 prefill 0.46 ms longer. Why not in the main loop: squaring there, in every lane and chunk, took the
-// one-row kernel from 48 to 54 registers (5 -> 4 blocks per SM) and cost 0.08-0.13 ms a step, on the CUDA cores
-// or as tensor-core mmas alike (bench/results/2026-11-24-h100-norm-lab). kGroup: rows loaded together, the most
-// that keeps the kernel's registers where they were without the norm (ptxas -v; e4m3 weights 4, fp16/bf16 2: one
-// more group there took their one-tile kernel from 58 to 67 registers, 4 -> 3 blocks per SM). A row's bits do not
-// depend on kGroup.
-template <typename T, int kGroup>
-__device__ __forceinline__ void square_sums(const MmaGemvArgs& a, SquareSums& sums) {
-  constexpr int kUnroll = 2;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, threads = blockDim.x;
-  const int vectors = static_cast<int>(a.k_dim / 8);
-  const T* x = static_cast<const T*>(a.x);
-  for (int b0 = 0; b0 < a.rows; b0 += kGroup) {
-    float ss[kGroup] = {};
-    for (int v0 = threadIdx.x; v0 < vectors; v0 += kUnroll * threads) {
-      uint4 raw[kUnroll][kGroup];
+// A warp's sums of squares of each lane's row (g, g + 8) over the 4 lanes t of the row, in the order of the
+// finishing shuffles; lane t == 0 writes them.
+template <bool kHi>
+__device__ __forceinline__ void store_square_sums(float (&sq)[2], SquareSums& sums) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-        for (int r = 0; r < kGroup; ++r) {
-          const int v = v0 + u * threads;
-          const auto* row = reinterpret_cast<const uint4*>(x + (b0 + r) * a.k_dim);
-          raw[u][r] = b0 + r < a.rows && v < vectors ? __ldg(row + v) : make_uint4(0, 0, 0, 0);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {  // vector v0 before v0 + threads: a missing one adds +0, no change
-#pragma unroll
-        for (int r = 0; r < kGroup; ++r) {
-          const uint32_t words[4] = {raw[u][r].x, raw[u][r].y, raw[u][r].z, raw[u][r].w};
-#pragma unroll
-          for (uint32_t word : words) {
-            const float2 f = gemv::word_to_float2<T>(word);
-            ss[r] = fmaf(f.x, f.x, ss[r]);
-            ss[r] = fmaf(f.y, f.y, ss[r]);
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < kGroup; ++r) {
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) ss[r] += __shfl_xor_sync(0xffffffffu, ss[r], o);
-      if (lane == 0 && b0 + r < a.rows) sums[warp][b0 + r] = ss[r];
-    }
+  for (int r = 0; r < 2; ++r) {
+    sq[r] += __shfl_xor_sync(0xffffffffu, sq[r], 1);
+    sq[r] += __shfl_xor_sync(0xffffffffu, sq[r], 2);
+  }
+  if (t == 0) {
+    sums[warp][g] = sq[0];
+    if constexpr (kHi) sums[warp][g + 8] = sq[1];
   }
 }
 
-// The block's end: the warps' partial sums (and the norm's sums of squares, square_sums) added in warp order through shared
-// memory, then out = residual + scale * w_scale * dot for the block's kTiles x 8 weight rows.
-template <typename T, bool kNorm, bool kHi, int kTiles>
-__device__ __forceinline__ void finish_block(const MmaGemvArgs& a, const float (&acc)[kTiles][2][4],
-                                             const SquareSums& partial_sq) {
+// Norm::kBefore, the one-row kernel's sums of squares, computed before its main loop with the bits that kInLoop
+// gives: warp w's lanes (0, t) would add, in the loop, the chunk_squares of chunks c(s) = ((s / kDepth) * split +
+// w) * kDepth + s % kDepth, s = 0, 1, ..., each over the 16 bytes of columns at t * kColumns. Here lane (j, t) of the
+// warp computes slot s0 + j's term (one round of loads for 8 slots), and every lane adds the 8 terms of its t in slot
+// order by shuffles; a missing chunk adds +0, which changes nothing. Why: adding the squares in the loop took the
+// one-row kernel from 48 to 54 registers (5 -> 4 blocks per SM) and the decode step 0.08-0.13 ms (on the CUDA cores or
+// as tensor-core mmas alike); squaring the row once before the loop cost nothing measurable
+// (bench/results/2026-11-24-h100-norm-lab). Several rows keep kInLoop: a pass before the loop over all their
+// rows made a 10-row GEMV wait on L2 for every block (fp8 TTFT at 10 tokens +0.5 ms).
+template <typename T, typename W, int kDepth>
+__device__ __forceinline__ void square_sums_before(const MmaGemvArgs& a, SquareSums& sums) {
+  using Streams = LaneStreams<T, W, false, false>;
+  constexpr int kSlots = 8;  // the lanes' j
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, j = lane >> 2, t = lane & 3;
+  const int split = blockDim.x >> 5;
+  const int k_dim = static_cast<int>(a.k_dim);
+  const int chunks = (k_dim + Streams::kChunkColumns - 1) / Streams::kChunkColumns;
+  const T* x = static_cast<const T*>(a.x);
+  auto chunk_of = [&](int slot) { return ((slot / kDepth) * split + warp) * kDepth + slot % kDepth; };
+  float sq[2] = {};
+  for (int s0 = 0; chunk_of(s0) < chunks; s0 += kSlots) {  // uniform over the warp
+    const int c = chunk_of(s0 + j), column = c * Streams::kChunkColumns + t * Streams::kColumns;
+    uint4 in[Streams::kRowVectors];
+#pragma unroll
+    for (int i = 0; i < Streams::kRowVectors; ++i)
+      in[i] = c < chunks && column < k_dim ? __ldg(reinterpret_cast<const uint4*>(x + column) + i)
+                                           : make_uint4(0, 0, 0, 0);
+    uint32_t words[Streams::kWords];
+    to_words<Streams::kRowVectors>(in, words);
+    const float term = chunk_squares<T>(words);
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) sq[0] += __shfl_sync(0xffffffffu, term, q * 4 + t);
+  }
+  store_square_sums<false>(sq, sums);  // lane (0, 0) writes row 0's; the other lanes' g rows are absent
+}
+
+// The block's end: the warps' partial sums (and the norm's sums of squares) added in warp order through shared
+// memory, then out = residual + scale * w_scale * dot for the block's kTiles x 8 weight rows. sq: the lane's
+// kInLoop sums; partial_sq: where they go (kBefore has filled it already).
+template <typename T, Norm kNorm, bool kHi, int kTiles>
+__device__ __forceinline__ void finish_block(const MmaGemvArgs& a, const float (&acc)[kTiles][2][4], float (&sq)[2],
+                                             SquareSums& partial_sq) {
   constexpr int kRows = kTiles * kRowsPerBlock;
   __shared__ float partial[kMaxSplit][kMaxInputRows][kRows];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -348,6 +371,7 @@ __device__ __forceinline__ void finish_block(const MmaGemvArgs& a, const float (
       partial[warp][g + 8][n + 1] = acc[j][0][3] + acc[j][1][3];
     }
   }
+  if constexpr (kNorm == Norm::kInLoop) store_square_sums<kHi>(sq, partial_sq);
   __syncthreads();
   for (int i = threadIdx.x; i < a.rows * kRows; i += blockDim.x) {
     const int b = i / kRows, n = i % kRows;
@@ -356,9 +380,9 @@ __device__ __forceinline__ void finish_block(const MmaGemvArgs& a, const float (
     float dot = 0.f, ss = 0.f;
     for (int v = 0; v < split; ++v) {
       dot += partial[v][b][n];
-      if constexpr (kNorm) ss += partial_sq[v][b];
+      if constexpr (kNorm != Norm::kNone) ss += partial_sq[v][b];
     }
-    const float scale = kNorm && a.rms_eps >= 0.f ? rsqrtf(ss / static_cast<float>(a.k_dim) + a.rms_eps) : 1.f;
+    const float scale = kNorm != Norm::kNone && a.rms_eps >= 0.f ? rsqrtf(ss / static_cast<float>(a.k_dim) + a.rms_eps) : 1.f;
     const float w_scale = a.w_scale != nullptr ? a.w_scale[row] : 1.f;
     const int64_t idx = b * a.n_dim + row;
     const float base = a.residual != nullptr ? to_float(static_cast<const T*>(a.residual)[idx]) : 0.f;
@@ -398,11 +422,11 @@ __device__ __forceinline__ LaneStreams<T, W, kSiluMul, kHi> lane_streams(const M
   return streams;
 }
 
-// kNorm: the rows' sums of squares first (square_sums; rms_eps >= 0). kHi: input rows 8..15 present (B > 8). kDepth:
+// kNorm: where the norm's sums of squares are computed (Norm). kHi: input rows 8..15 present (B > 8). kDepth:
 // chunks per warp and batch. The register path (stages = 1): the next batch's weights in registers.
-template <typename T, typename W, bool kSiluMul, bool kNorm, bool kHi, int kDepth>
+template <typename T, typename W, bool kSiluMul, Norm kNorm, bool kHi, int kDepth>
 __global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_kernel(const MmaGemvArgs a) {
-  static_assert(!(kSiluMul && (kNorm || kHi)), "the fused activation is for one row without the norm");
+  static_assert(!(kSiluMul && (kNorm != Norm::kNone || kHi)), "the fused activation is for one row without the norm");
   using Streams = LaneStreams<T, W, kSiluMul, kHi>;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const Streams streams = lane_streams<T, W, kSiluMul, kHi>(a);
@@ -421,9 +445,10 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_kernel(const MmaGemvA
   // C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1] (input row, weight row of the block), in two accumulators
   // (even and odd chunks of a batch) so that an mma waits on the one before the last, not the last
   float acc[1][2][4] = {};
-  __shared__ SquareSums sq;
+  float sq[2] = {};  // Norm::kInLoop: sums of squares of input rows g and g + 8 over this lane's columns
+  __shared__ SquareSums partial_sq;
   load_weights(warp * kDepth);
-  if constexpr (kNorm) square_sums<T, kSquareGroup<W>>(a, sq);
+  if constexpr (kNorm == Norm::kBefore) square_sums_before<T, W, kDepth>(a, partial_sq);
   for (int c0 = warp * kDepth; c0 < chunks; c0 += stride) {
     uint4 w[kDepth];
 #pragma unroll
@@ -435,10 +460,10 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_kernel(const MmaGemvA
 #pragma unroll
     for (int u = 0; u < kDepth; ++u) {
       if (c0 + u >= chunks) break;  // uniform over the warp
-      sum_chunk<T, W, kSiluMul, kHi>(w[u], in[u], lane, acc[0][u & 1]);
+      sum_chunk<T, W, kSiluMul, kNorm, kHi>(w[u], in[u], lane, acc[0][u & 1], sq);
     }
   }
-  finish_block<T, kNorm, kHi, 1>(a, acc, sq);
+  finish_block<T, kNorm, kHi, 1>(a, acc, sq, partial_sq);
 }
 // cp.async: 16 bytes from global to shared memory without passing through registers, marked evict-first in L2
 // (as __ldcs marks the register path's weight loads: the weights stream through once, and must not push the
@@ -532,9 +557,16 @@ struct RowLines {
 // A row's products, their order and so its bits do not depend on kTiles.
 // kLines: the warp copies its batch by whole rows instead (RowLines below), and each lane reads its fragments'
 // bytes from where other lanes put them.
-template <typename T, typename W, bool kSiluMul, bool kNorm, bool kHi, int kDepth, int kTiles, bool kLines>
-__global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_ring_kernel(const MmaGemvArgs a, int stages) {
-  static_assert(!(kSiluMul && (kNorm || kHi)), "the fused activation is for one row without the norm");
+// Blocks per SM the compiler must allow: 5 for the one-row e4m3 kernel with the norm before its loop, at the
+// engine's shapes, which ptxas otherwise gives 50 registers, 2 past the 48 that 5 blocks of 8 warps fit in (the kernel
+// without the norm takes 48). The lab's deeper or two-tile shapes would spill.
+template <typename W, Norm kNorm, int kDepth, int kTiles>
+constexpr int kMinBlocks = std::is_same_v<W, E4m3> && kNorm == Norm::kBefore && kDepth <= 2 && kTiles == 1 ? 5 : 1;
+
+template <typename T, typename W, bool kSiluMul, Norm kNorm, bool kHi, int kDepth, int kTiles, bool kLines>
+__global__ void __launch_bounds__(kMaxSplit * 32, kMinBlocks<W, kNorm, kDepth, kTiles>)
+    gemv_mma_ring_kernel(const MmaGemvArgs a, int stages) {
+  static_assert(!(kSiluMul && (kNorm != Norm::kNone || kHi)), "the fused activation is for one row without the norm");
   using Streams = LaneStreams<T, W, kSiluMul, kHi>;
   extern __shared__ uint4 ring[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, threads = blockDim.x;
@@ -572,7 +604,8 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_ring_kernel(const Mma
     commit_async();
   };
   float acc[kTiles][2][4] = {};
-  __shared__ SquareSums sq;
+  float sq[2] = {};  // Norm::kInLoop
+  __shared__ SquareSums partial_sq;
   const int first = warp * kDepth;
   for (int i = 0; i < stages; ++i) fill(first + i * stride, i);
   // Programmatic dependent launch (pdl.cuh; nothing without it): the weights are constants, so their first
@@ -580,7 +613,7 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_ring_kernel(const Mma
   // its own weight reads as this grid's blocks start.
   pdl::launch_dependents();
   pdl::wait();
-  if constexpr (kNorm) square_sums<T, kSquareGroup<W>>(a, sq);
+  if constexpr (kNorm == Norm::kBefore) square_sums_before<T, W, kDepth>(a, partial_sq);
   int stage = 0;
   for (int c0 = first; c0 < chunks; c0 += stride) {
     uint4 in[kDepth][Streams::kInputVectors];
@@ -592,7 +625,7 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_ring_kernel(const Mma
     for (int u = 0; u < kDepth; ++u) {
       if (c0 + u >= chunks) break;  // uniform over the warp
       uint32_t lo[Streams::kWords], hi[Streams::kWords] = {};
-      chunk_inputs<T, W, kSiluMul, kHi>(in[u], lane, lo, hi);
+      chunk_inputs<T, W, kSiluMul, kNorm, kHi>(in[u], lane, lo, hi, sq);
 #pragma unroll
       for (int j = 0; j < kTiles; ++j) chunk_mma<T, W>(*slot(stage, u, j), lo, hi, acc[j][u & 1]);
     }
@@ -601,7 +634,7 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_ring_kernel(const Mma
     stage = stage + 1 == stages ? 0 : stage + 1;
   }
   wait_async(0);  // nothing may land in shared memory after the block ends
-  finish_block<T, kNorm, kHi, kTiles>(a, acc, sq);
+  finish_block<T, kNorm, kHi, kTiles>(a, acc, sq, partial_sq);
 }
 
 // One block per row: amax, the row's scale amax / 448 (1 for an all-zero row), then e4m3(x / scale) with
@@ -665,7 +698,7 @@ struct MmaGemvShape {
   bool pdl;    // programmatic dependent launch (pdl.cuh; the ring kernel only)
 };
 
-template <typename T, typename W, bool kSiluMul, bool kNorm, bool kHi, int kDepth, int kTiles, bool kLines>
+template <typename T, typename W, bool kSiluMul, Norm kNorm, bool kHi, int kDepth, int kTiles, bool kLines>
 void launch_ring(const MmaGemvArgs& a, MmaGemvShape shape, cudaStream_t stream) {
   const int64_t blocks = (a.n_dim + kTiles * kRowsPerBlock - 1) / (kTiles * kRowsPerBlock);
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "gemv_mma: weight has too many rows");
@@ -678,7 +711,7 @@ void launch_ring(const MmaGemvArgs& a, MmaGemvShape shape, cudaStream_t stream) 
               shape.pdl, a, shape.stages);
 }
 
-template <typename T, typename W, bool kSiluMul, bool kNorm, bool kHi, int kDepth>
+template <typename T, typename W, bool kSiluMul, Norm kNorm, bool kHi, int kDepth>
 void launch_depth(const MmaGemvArgs& a, MmaGemvShape shape, cudaStream_t stream) {
   if (shape.stages > 1) {
     if constexpr (kDepth <= 2) {
@@ -696,7 +729,7 @@ void launch_depth(const MmaGemvArgs& a, MmaGemvShape shape, cudaStream_t stream)
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, typename W, bool kSiluMul, bool kNorm, bool kHi>
+template <typename T, typename W, bool kSiluMul, Norm kNorm, bool kHi>
 void launch_shape(const MmaGemvArgs& a, MmaGemvShape shape, cudaStream_t stream) {
   if (shape.depth == 1) return launch_depth<T, W, kSiluMul, kNorm, kHi, 1>(a, shape, stream);
   if (shape.depth == 2) return launch_depth<T, W, kSiluMul, kNorm, kHi, 2>(a, shape, stream);
@@ -711,12 +744,13 @@ template <typename T, typename W>
 void dispatch_gemv_mma(const MmaGemvArgs& a, bool silu_mul, MmaGemvShape shape, cudaStream_t stream) {
   const bool norm = a.rms_eps >= 0.f, hi = a.rows > kRowsPerBlock;
   if constexpr (std::is_same_v<W, E4m3>) {
-    if (silu_mul) return launch_shape<T, W, true, false, false>(a, shape, stream);
+    if (silu_mul) return launch_shape<T, W, true, Norm::kNone, false>(a, shape, stream);
   }
-  if (norm && hi) return launch_shape<T, W, false, true, true>(a, shape, stream);
-  if (norm) return launch_shape<T, W, false, true, false>(a, shape, stream);
-  if (hi) return launch_shape<T, W, false, false, true>(a, shape, stream);
-  launch_shape<T, W, false, false, false>(a, shape, stream);
+  if (norm && hi) return launch_shape<T, W, false, Norm::kInLoop, true>(a, shape, stream);
+  if (norm && a.rows == 1) return launch_shape<T, W, false, Norm::kBefore, false>(a, shape, stream);
+  if (norm) return launch_shape<T, W, false, Norm::kInLoop, false>(a, shape, stream);
+  if (hi) return launch_shape<T, W, false, Norm::kNone, true>(a, shape, stream);
+  launch_shape<T, W, false, Norm::kNone, false>(a, shape, stream);
 }
 
 bool half_or_bf16(const torch::Tensor& t) {
