@@ -23,7 +23,8 @@
 // (WeightFormat), so a weight byte costs about half the instructions of an e4m3 one.
 //
 // Layout (e4m3; fp16/bf16 weights: 32-column chunks, 8 columns per lane). A block takes 8 weight rows (16, two
-// tiles, past 8 input rows: see gemv_mma_ring_kernel); its `split` warps (kDefaultSplit) share them, each summing batches of kDepth 64-column chunks in turn, and the block adds
+// tiles, past 8 input rows: see gemv_mma_ring_kernel); its `split` warps (kDefaultSplit) share them, each summing
+// batches of kDepth 64-column chunks in turn, and the block adds
 // the warps' partial sums through shared memory at the end (a warp per 8 rows alone would leave too few warps,
 // and bytes in flight, for 4096-row matrices). In a chunk,
 // lane (g, t) = (lane / 4, lane % 4) loads 16 bytes (16 weights) of weight row g at columns 16t..16t+15 and the
@@ -315,14 +316,14 @@ __device__ __forceinline__ void store_square_sums(float (&sq)[2], SquareSums& su
 }
 
 // Norm::kBefore, the one-row kernel's sums of squares, computed before its main loop with the bits that kInLoop
-// gives: warp w's lanes (0, t) would add, in the loop, the chunk_squares of chunks c(s) = ((s / kDepth) * split +
-// w) * kDepth + s % kDepth, s = 0, 1, ..., each over the 16 bytes of columns at t * kColumns. Here lane (j, t) of the
-// warp computes slot s0 + j's term (one round of loads for 8 slots), and every lane adds the 8 terms of its t in slot
-// order by shuffles; a missing chunk adds +0, which changes nothing. Why: adding the squares in the loop took the
-// one-row kernel from 48 to 54 registers (5 -> 4 blocks per SM) and the decode step 0.08-0.13 ms (on the CUDA cores or
-// as tensor-core mmas alike); squaring the row once before the loop cost nothing measurable
-// (bench/results/2026-11-24-h100-norm-lab). Several rows keep kInLoop: a pass before the loop over all their
-// rows made a 10-row GEMV wait on L2 for every block (fp8 TTFT at 10 tokens +0.5 ms).
+// gives. In the loop, warp w's lanes (0, t) would add the chunk_squares of chunks c(s) = ((s / kDepth) * split + w)
+// * kDepth + s % kDepth, s = 0, 1, ..., each over the chunk's kColumns columns from t * kColumns. Here lane (j, t)
+// of the warp computes slot s0 + j's term (one round of loads for 8 slots), and every lane adds the 8 terms of its t
+// in slot order by shuffles; a missing chunk adds +0, which changes nothing. Why: adding the squares in the loop
+// took the one-row kernel from 48 to 54 registers (5 -> 4 blocks per SM) and the decode step 0.08-0.13 ms (on the
+// CUDA cores or as tensor-core mmas alike); squaring the row once before the loop cost nothing measurable
+// (bench/results/2026-11-24-h100-norm-lab). Several rows keep kInLoop: a pass before the loop over all their rows
+// made a 10-row GEMV wait on L2 for every block (fp8 TTFT at 10 tokens +0.5 ms).
 template <typename T, typename W, int kDepth>
 __device__ __forceinline__ void square_sums_before(const MmaGemvArgs& a, SquareSums& sums) {
   using Streams = LaneStreams<T, W, false, false>;
@@ -347,7 +348,8 @@ __device__ __forceinline__ void square_sums_before(const MmaGemvArgs& a, SquareS
 #pragma unroll
     for (int q = 0; q < kSlots; ++q) sq[0] += __shfl_sync(0xffffffffu, term, q * 4 + t);
   }
-  store_square_sums<false>(sq, sums);  // lane (0, 0) writes row 0's; the other lanes' g rows are absent
+  // every lane holds row 0's sums: lanes (g, 0) write them as row g's, and only row 0 is read
+  store_square_sums<false>(sq, sums);
 }
 
 // The block's end: the warps' partial sums (and the norm's sums of squares) added in warp order through shared
@@ -382,7 +384,8 @@ __device__ __forceinline__ void finish_block(const MmaGemvArgs& a, const float (
       dot += partial[v][b][n];
       if constexpr (kNorm != Norm::kNone) ss += partial_sq[v][b];
     }
-    const float scale = kNorm != Norm::kNone && a.rms_eps >= 0.f ? rsqrtf(ss / static_cast<float>(a.k_dim) + a.rms_eps) : 1.f;
+    const bool normed = kNorm != Norm::kNone && a.rms_eps >= 0.f;
+    const float scale = normed ? rsqrtf(ss / static_cast<float>(a.k_dim) + a.rms_eps) : 1.f;
     const float w_scale = a.w_scale != nullptr ? a.w_scale[row] : 1.f;
     const int64_t idx = b * a.n_dim + row;
     const float base = a.residual != nullptr ? to_float(static_cast<const T*>(a.residual)[idx]) : 0.f;
@@ -638,8 +641,8 @@ __global__ void __launch_bounds__(kMaxSplit * 32, kMinBlocks<W, kNorm, kDepth, k
 }
 
 // One block per row: amax, the row's scale amax / 448 (1 for an all-zero row), then e4m3(x / scale) with
-// IEEE division and round-to-nearest-even, saturating: hjcg.fp8.quantize_rows on the GPU to the bit. 8 values per thread
-// and step; the second pass reads the row again from L1/L2.
+// IEEE division and round-to-nearest-even, saturating: hjcg.fp8.quantize_rows on the GPU to the bit. 8 values per
+// thread and step; the second pass reads the row again from L1/L2.
 constexpr int kQuantThreads = 256;
 
 template <typename T>
@@ -787,8 +790,11 @@ void run_gemv_mma(const torch::Tensor& x, const torch::Tensor& weight, const flo
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool half = x.scalar_type() == torch::kFloat16;
-  MmaGemvArgs args{x.data_ptr(), static_cast<const uint8_t*>(weight.data_ptr()), w_scale, k_dim, n_dim, static_cast<int>(rows),
-                   static_cast<float>(rms_eps), residual ? residual->data_ptr() : nullptr, out.data_ptr()};
+  MmaGemvArgs args{x.data_ptr(),          static_cast<const uint8_t*>(weight.data_ptr()),
+                   w_scale,               k_dim,
+                   n_dim,                 static_cast<int>(rows),
+                   static_cast<float>(rms_eps), residual ? residual->data_ptr() : nullptr,
+                   out.data_ptr()};
   // the activation is computed once for all blocks (kept alive to the launch), except for one row and e4m3
   // weights, whose kernel computes it (see Batch invariance)
   const bool act_first = silu_mul && (rows > 1 || !e4m3);
