@@ -560,15 +560,8 @@ struct RowLines {
 // A row's products, their order and so its bits do not depend on kTiles.
 // kLines: the warp copies its batch by whole rows instead (RowLines below), and each lane reads its fragments'
 // bytes from where other lanes put them.
-// Blocks per SM the compiler must allow: 5 for the one-row e4m3 kernel with the norm before its loop, at the
-// engine's shapes, which ptxas otherwise gives 50 registers, 2 past the 48 that 5 blocks of 8 warps fit in (the kernel
-// without the norm takes 48). The lab's deeper or two-tile shapes would spill.
-template <typename W, Norm kNorm, int kDepth, int kTiles>
-constexpr int kMinBlocks = std::is_same_v<W, E4m3> && kNorm == Norm::kBefore && kDepth <= 2 && kTiles == 1 ? 5 : 1;
-
 template <typename T, typename W, bool kSiluMul, Norm kNorm, bool kHi, int kDepth, int kTiles, bool kLines>
-__global__ void __launch_bounds__(kMaxSplit * 32, kMinBlocks<W, kNorm, kDepth, kTiles>)
-    gemv_mma_ring_kernel(const MmaGemvArgs a, int stages) {
+__device__ __forceinline__ void ring_gemv(const MmaGemvArgs& a, int stages) {
   static_assert(!(kSiluMul && (kNorm != Norm::kNone || kHi)), "the fused activation is for one row without the norm");
   using Streams = LaneStreams<T, W, kSiluMul, kHi>;
   extern __shared__ uint4 ring[];
@@ -640,6 +633,25 @@ __global__ void __launch_bounds__(kMaxSplit * 32, kMinBlocks<W, kNorm, kDepth, k
   finish_block<T, kNorm, kHi, kTiles>(a, acc, sq, partial_sq);
 }
 
+template <typename T, typename W, bool kSiluMul, Norm kNorm, bool kHi, int kDepth, int kTiles, bool kLines>
+__global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_ring_kernel(const MmaGemvArgs a, int stages) {
+  ring_gemv<T, W, kSiluMul, kNorm, kHi, kDepth, kTiles, kLines>(a, stages);
+}
+
+// The one-row e4m3 kernel with the norm before its loop, at the engine's shapes (kFiveBlocks), held to 5 blocks per
+// SM: ptxas gives it 50 registers otherwise, 2 past the 48 that 5 blocks of 8 warps fit in (without the norm it takes
+// 48). A kernel of its own because naming a minimum of 1 block for the others is not the same as naming none: it
+// gave them 4-22 more registers (the fp16-weight GEMV of 3-8 rows 58 -> 65-67, 4 -> 3 blocks per SM, and decode at 4
+// and 8 streams 0.2 ms/token slower in bench/results/2026-11-24-h100-271732d). The lab's deeper or two-tile shapes
+// would spill at 48, so they keep the plain kernel.
+template <typename W, Norm kNorm, int kDepth, int kTiles>
+constexpr bool kFiveBlocks = std::is_same_v<W, E4m3> && kNorm == Norm::kBefore && kDepth <= 2 && kTiles == 1;
+
+template <typename T, typename W, bool kSiluMul, Norm kNorm, bool kHi, int kDepth, int kTiles, bool kLines>
+__global__ void __launch_bounds__(kMaxSplit * 32, 5) gemv_mma_ring_kernel_5_blocks(const MmaGemvArgs a, int stages) {
+  ring_gemv<T, W, kSiluMul, kNorm, kHi, kDepth, kTiles, kLines>(a, stages);
+}
+
 // One block per row: amax, the row's scale amax / 448 (1 for an all-zero row), then e4m3(x / scale) with
 // IEEE division and round-to-nearest-even, saturating: hjcg.fp8.quantize_rows on the GPU to the bit. 8 values per
 // thread and step; the second pass reads the row again from L1/L2.
@@ -706,7 +718,12 @@ void launch_ring(const MmaGemvArgs& a, MmaGemvShape shape, cudaStream_t stream) 
   const int64_t blocks = (a.n_dim + kTiles * kRowsPerBlock - 1) / (kTiles * kRowsPerBlock);
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "gemv_mma: weight has too many rows");
   const int threads = shape.split * 32;
-  const auto kernel = gemv_mma_ring_kernel<T, W, kSiluMul, kNorm, kHi, kDepth, kTiles, kLines>;
+  const auto kernel = [] {  // only the one named is compiled
+    if constexpr (kFiveBlocks<W, kNorm, kDepth, kTiles>)
+      return gemv_mma_ring_kernel_5_blocks<T, W, kSiluMul, kNorm, kHi, kDepth, kTiles, kLines>;
+    else
+      return gemv_mma_ring_kernel<T, W, kSiluMul, kNorm, kHi, kDepth, kTiles, kLines>;
+  }();
   const size_t ring_bytes = static_cast<size_t>(shape.stages) * kDepth * kTiles * threads * sizeof(uint4);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(ring_bytes)));
