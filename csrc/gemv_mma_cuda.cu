@@ -324,24 +324,21 @@ __device__ __forceinline__ void store_square_sums(float (&sq)[2], SquareSums& su
 // CUDA cores or as tensor-core mmas alike); squaring the row once before the loop cost nothing measurable
 // (bench/results/2026-11-24-h100-norm-lab). Several rows keep kInLoop: a pass before the loop over all their rows
 // made a 10-row GEMV wait on L2 for every block (fp8 TTFT at 10 tokens +0.5 ms).
-template <typename T, typename W, int kDepth>
-__device__ __forceinline__ void square_sums_before(const MmaGemvArgs& a, SquareSums& sums) {
-  using Streams = LaneStreams<T, W, false, false>;
+// s: the lane's streams (one row: every lane's s.lo is row 0 at its column t * kColumns); first, stride: the main
+// loop's first chunk and step for this warp, so that the slots run in the loop's order.
+template <typename T, int kDepth, typename Streams>
+__device__ __forceinline__ void square_sums_before(const Streams& s, int first, int stride, SquareSums& sums) {
   constexpr int kSlots = 8;  // the lanes' j
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, j = lane >> 2, t = lane & 3;
-  const int split = blockDim.x >> 5;
-  const int k_dim = static_cast<int>(a.k_dim);
-  const int chunks = (k_dim + Streams::kChunkColumns - 1) / Streams::kChunkColumns;
-  const T* x = static_cast<const T*>(a.x);
-  auto chunk_of = [&](int slot) { return ((slot / kDepth) * split + warp) * kDepth + slot % kDepth; };
+  const int lane = threadIdx.x & 31, j = lane >> 2, t = lane & 3;
+  auto chunk_of = [&](int slot) { return first + (slot / kDepth) * stride + slot % kDepth; };
   float sq[2] = {};
-  for (int s0 = 0; chunk_of(s0) < chunks; s0 += kSlots) {  // uniform over the warp
-    const int c = chunk_of(s0 + j), column = c * Streams::kChunkColumns + t * Streams::kColumns;
+  for (int s0 = 0; chunk_of(s0) < s.chunks; s0 += kSlots) {  // uniform over the warp
+    const int c = chunk_of(s0 + j), off = c * Streams::kChunkColumns;
     uint4 in[Streams::kRowVectors];
 #pragma unroll
-    for (int i = 0; i < Streams::kRowVectors; ++i)
-      in[i] = c < chunks && column < k_dim ? __ldg(reinterpret_cast<const uint4*>(x + column) + i)
-                                           : make_uint4(0, 0, 0, 0);
+    for (int i = 0; i < Streams::kRowVectors; ++i)  // as LaneStreams::inputs_of, for every lane
+      in[i] = c < s.chunks && off + s.input_column < s.k_dim ? __ldg(reinterpret_cast<const uint4*>(s.lo + off) + i)
+                                                             : make_uint4(0, 0, 0, 0);
     uint32_t words[Streams::kWords];
     to_words<Streams::kRowVectors>(in, words);
     const float term = chunk_squares<T>(words);
@@ -451,7 +448,7 @@ __global__ void __launch_bounds__(kMaxSplit * 32) gemv_mma_kernel(const MmaGemvA
   float sq[2] = {};  // Norm::kInLoop: sums of squares of input rows g and g + 8 over this lane's columns
   __shared__ SquareSums partial_sq;
   load_weights(warp * kDepth);
-  if constexpr (kNorm == Norm::kBefore) square_sums_before<T, W, kDepth>(a, partial_sq);
+  if constexpr (kNorm == Norm::kBefore) square_sums_before<T, kDepth>(streams, warp * kDepth, stride, partial_sq);
   for (int c0 = warp * kDepth; c0 < chunks; c0 += stride) {
     uint4 w[kDepth];
 #pragma unroll
@@ -609,7 +606,7 @@ __device__ __forceinline__ void ring_gemv(const MmaGemvArgs& a, int stages) {
   // its own weight reads as this grid's blocks start.
   pdl::launch_dependents();
   pdl::wait();
-  if constexpr (kNorm == Norm::kBefore) square_sums_before<T, W, kDepth>(a, partial_sq);
+  if constexpr (kNorm == Norm::kBefore) square_sums_before<T, kDepth>(s, first, stride, partial_sq);
   int stage = 0;
   for (int c0 = first; c0 < chunks; c0 += stride) {
     uint4 in[kDepth][Streams::kInputVectors];
