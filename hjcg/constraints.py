@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
+from copy import copy
 from dataclasses import dataclass
 
 import llguidance
-import llguidance.hf
 import numpy as np
 
 from hjcg.requests import CONSTRAINT_KINDS, Constraint, RequestError
@@ -31,6 +32,7 @@ MAX_CONSTRAINT_CHARS = 64 * 1024    # a longer schema/grammar/regex is refused b
 DEFAULT_CACHE_ENTRIES = 256
 # No free whitespace between JSON tokens: a sampled model can otherwise spend its whole budget on blanks.
 _JSON_OPTIONS = {"whitespace_flexible": False}
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a ByteFallback token
 
 
 def mask_words_for(vocab_size: int) -> int:
@@ -192,16 +194,44 @@ def _llg_tokenizer(tokenizer, vocab_size: int, eos: list[int]) -> tuple[int, llg
     would otherwise leave llguidance forcing strings as tokens the model lacks (it forces the canonical
     tokenization of text the grammar fixes, e.g. '{"' of a JSON object), a dead end. Where the tokenizer
     cannot be cut, llguidance keeps the full one and fill() clears the bits past the model's vocabulary."""
-    backend = tokenizer.backend_tokenizer
+    backend = copy(tokenizer.backend_tokenizer)  # what llguidance.hf.from_tokenizer reads, padding off
+    backend.no_padding()
+    backend.no_truncation()
+    text = _byte_level_decoder_alone(backend.to_str())
     size = backend.get_vocab_size(with_added_tokens=True)
     if vocab_size < size:
         try:
-            return vocab_size, llguidance.LLTokenizer(_cut_tokenizer_json(backend.to_str(), vocab_size),
-                                                      n_vocab=vocab_size, eos_token=eos)
+            return vocab_size, llguidance.LLTokenizer(_cut_tokenizer_json(text, vocab_size), n_vocab=vocab_size,
+                                                      eos_token=eos)
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("cannot cut the tokenizer to the model's %d tokens (%s); masks clear the rest", vocab_size, exc)
     n_vocab = max(size, vocab_size)
-    return n_vocab, llguidance.hf.from_tokenizer(tokenizer, n_vocab=n_vocab, eos_token=eos)
+    return n_vocab, llguidance.LLTokenizer(text, n_vocab=n_vocab, eos_token=eos)
+
+
+def _byte_level_decoder_alone(text: str) -> str:
+    """The tokenizer's JSON with a decoder chain that ends in ByteLevel cut to that ByteLevel step.
+
+    transformers 5.17 converts GGUF's byte-level BPE tokenizers with ByteFallback, Fuse and Replace('▁')
+    ahead of ByteLevel. They change no token of a byte-level vocabulary (its characters never include '▁',
+    and no token spells '<0xNN>'), so the text decodes as before; but llguidance, seeing ByteFallback, reads
+    the tokens as text instead of bytes: 'Ā' (byte 0x00) became an allowed character inside JSON strings."""
+    spec = json.loads(text)
+    decoder = spec.get("decoder") or {}
+    steps = decoder.get("decoders") if decoder.get("type") == "Sequence" else None
+    if not steps or steps[-1].get("type") != "ByteLevel" or not all(map(_spares_byte_level_tokens, steps[:-1])):
+        return text
+    vocab = spec.get("model", {}).get("vocab")
+    if not isinstance(vocab, dict) or any(_BYTE_PIECE.fullmatch(p) or "\u2581" in p for p in vocab):
+        return text  # those steps would change some token: llguidance gets the chain as it is
+    spec["decoder"] = steps[-1]
+    return json.dumps(spec)
+
+
+def _spares_byte_level_tokens(step: dict) -> bool:
+    """A decoder step that leaves byte-level tokens without '▁' or '<0xNN>' as they are."""
+    kind = step.get("type")
+    return kind in ("ByteFallback", "Fuse") or (kind == "Replace" and step.get("pattern") == {"String": "\u2581"})
 
 
 def _cut_tokenizer_json(text: str, vocab_size: int) -> str:

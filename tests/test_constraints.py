@@ -377,6 +377,39 @@ def test_refused_token_ends_the_stream(compiler, tokenizer):
     assert list(allowed(row)) == [EOS]
 
 
+def _behind_other_decoders(tokenizer):
+    """The embedded tokenizer as transformers 5.17 converts it from GGUF: the same vocabulary and text, its
+    ByteLevel decoder behind ByteFallback, Fuse and Replace('▁', ' ') steps that change no byte-level token."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "ByteFallback"}, {"type": "Fuse"},
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, spec["decoder"]]}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|im_end|>")
+
+
+def test_masks_do_not_depend_on_the_decoders_before_byte_level(compiler, tokenizer):
+    """A ByteFallback step ahead of ByteLevel once made llguidance read 'Ā' (token 190, byte 0x00) as the
+    character Ā: it then allowed raw control characters inside JSON strings (invalid JSON on the H100)."""
+    chained = _behind_other_decoders(tokenizer)
+    assert chained.decode([190, 19839, 44652, 236]) == tokenizer.decode([190, 19839, 44652, 236]) == "\x00 lex厒"
+    other = ConstraintCompiler(chained, VOCAB, {EOS})
+    schema = Constraint("json_schema", json.dumps({"type": "object", "properties": {"name": {"type": "string"}}}))
+    rows = []
+    for c in (compiler, other):
+        m = c.matcher(c.compile(schema))
+        row = np.zeros(c.mask_words, np.int32)
+        for t in tokenizer('{"name":"ab', add_special_tokens=False)["input_ids"]:
+            m.fill_mask(row)
+            m.accept(t)
+        m.fill_mask(row)
+        rows.append(row)
+    assert 190 not in allowed(rows[1])
+    assert np.array_equal(rows[0], rows[1])
+
+
 def test_bad_mask_row(compiler):
     m = compiler.matcher(compiler.compile(Constraint("regex", "a+")))
     m.fill_mask(np.zeros(compiler.mask_words, np.int32))     # the precomputed first mask
