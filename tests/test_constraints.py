@@ -384,9 +384,11 @@ def _behind_other_decoders(tokenizer):
     from transformers import PreTrainedTokenizerFast
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    decoder = spec["decoder"]
+    byte_level = decoder if decoder["type"] == "ByteLevel" else decoder["decoders"][-1]  # a converter's chain already
     spec["decoder"] = {"type": "Sequence", "decoders": [
         {"type": "ByteFallback"}, {"type": "Fuse"},
-        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, spec["decoder"]]}
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, byte_level]}
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|im_end|>")
 
 
