@@ -1,0 +1,94 @@
+"""Lab: where a batch-1 TTFT goes on the GPU. CUDA events on the compute stream at the TTFT's start, before and
+after the prefill graph's replay and when first_tokens() is entered; host stamps at the same points. Per format
+(fp16, fp8), 10-token prompt, median of 200 after warm-up:
+  pre_gpu  : GPU clock from the TTFT's start to the graph's start (the host's work before launching it)
+  graph    : the graph's GPU time
+  post_gpu : after the graph to first_tokens' entry on the GPU (sampler load/sample, fills)
+  tail     : host time from the GPU reaching first_tokens' entry to the token on the host (copy, sync, Python)
+
+    python -m bench.lab.ttft_parts OUT.json
+"""
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from bench.systems import HjcgSystem
+from hjcg import model_source
+from hjcg.engine import TokenOutput
+
+loaded = model_source.load("random:llama2-7b", torch.float16, random_device="cuda")
+ids = list(range(100, 110))
+out = {}
+for label, weights in (("fp16", "dtype"), ("fp8", "fp8")):
+    system = HjcgSystem(loaded, "hybrid", weights=weights)
+    engine = system.engine
+    runner = engine.runner
+    marks = {}
+
+    def mark(name):
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        marks[name] = (e, time.perf_counter())
+
+    replay = runner.graphs.replay
+
+    def timed_replay(key):
+        if key.startswith("prefill"):
+            mark("graph_start")
+            ok = replay(key)
+            mark("graph_end")
+            return ok
+        return replay(key)
+
+    first_tokens = runner.first_tokens
+
+    def timed_first(*a, **k):
+        mark("first_tokens")
+        return first_tokens(*a, **k)
+
+    class Graphs:  # the graph cache with its replay timed (a pybind11 object takes no new attributes)
+        def __init__(self, inner):
+            self._inner = inner
+        def replay(self, key):
+            return timed_replay(key)
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+        def __contains__(self, key):
+            return key in self._inner
+
+    inner = runner.graphs
+    runner.graphs = Graphs(inner)
+    rows = []
+    for i in range(260):
+        runner.first_tokens = timed_first
+        torch.cuda.synchronize()
+        marks.clear()
+        mark("start")
+        t0 = marks["start"][1]
+        events = engine.generate(system.request(ids, 1))
+        for ev in events:
+            if isinstance(ev, TokenOutput):
+                t_end = time.perf_counter()
+                break
+        for _ in events:
+            pass
+        torch.cuda.synchronize()
+        if i < 60 or "graph_start" not in marks:
+            continue
+        g = lambda a, b: marks[a][0].elapsed_time(marks[b][0])
+        rows.append({"ttft": (t_end - t0) * 1e3, "pre_gpu": g("start", "graph_start"), "graph": g("graph_start", "graph_end"),
+                     "post_gpu": g("graph_end", "first_tokens"),
+                     "host_launch": (marks["graph_start"][1] - t0) * 1e3,
+                     "host_first_tokens": (marks["first_tokens"][1] - t0) * 1e3,
+                     "tail": (t_end - t0) * 1e3 - g("start", "first_tokens")})
+    med = {k: round(statistics.median(r[k] for r in rows), 4) for k in rows[0]}
+    out[label] = med
+    print(label, med, flush=True)
+    runner.graphs = inner
+    del runner.first_tokens
+    system.close()
+    del system, engine, runner
+json.dump(out, open(sys.argv[1], "w"), indent=1)
