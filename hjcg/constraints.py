@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import llguidance
 import numpy as np
+import tokenizers.decoders
 
 from hjcg.requests import CONSTRAINT_KINDS, Constraint, RequestError
 
@@ -197,7 +198,9 @@ def _llg_tokenizer(tokenizer, vocab_size: int, eos: list[int]) -> tuple[int, llg
     backend = copy(tokenizer.backend_tokenizer)  # what llguidance.hf.from_tokenizer reads, padding off
     backend.no_padding()
     backend.no_truncation()
-    text = _byte_level_decoder_alone(backend.to_str())
+    text = backend.to_str()
+    if isinstance(backend.decoder, tokenizers.decoders.Sequence):  # only a chain needs the JSON parsed (~25 ms)
+        text = _byte_level_decoder_alone(text)
     size = backend.get_vocab_size(with_added_tokens=True)
     if vocab_size < size:
         try:
