@@ -331,14 +331,14 @@ __device__ __forceinline__ void square_sums_before(const Streams& s, int first, 
   constexpr int kSlots = 8;  // the lanes' j
   const int lane = threadIdx.x & 31, j = lane >> 2, t = lane & 3;
   auto chunk_of = [&](int slot) { return first + (slot / kDepth) * stride + slot % kDepth; };
+  static_assert(Streams::kInputVectors >= Streams::kRowVectors, "row 0's values, not the fused activation's pairs");
+  Streams row0 = s;  // every lane loads row 0, not only the lanes (0, t) that hold it in the loop
+  row0.has_lo = true;
+  row0.has_hi = false;
   float sq[2] = {};
   for (int s0 = 0; chunk_of(s0) < s.chunks; s0 += kSlots) {  // uniform over the warp
-    const int c = chunk_of(s0 + j), off = c * Streams::kChunkColumns;
-    uint4 in[Streams::kRowVectors];
-#pragma unroll
-    for (int i = 0; i < Streams::kRowVectors; ++i)  // as LaneStreams::inputs_of, for every lane
-      in[i] = c < s.chunks && off + s.input_column < s.k_dim ? __ldg(reinterpret_cast<const uint4*>(s.lo + off) + i)
-                                                             : make_uint4(0, 0, 0, 0);
+    uint4 in[Streams::kInputVectors];
+    row0.inputs_of(chunk_of(s0 + j), in);
     uint32_t words[Streams::kWords];
     to_words<Streams::kRowVectors>(in, words);
     const float term = chunk_squares<T>(words);
