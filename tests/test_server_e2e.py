@@ -110,10 +110,39 @@ def test_cancel_mid_stream_frees_the_worker(server, client):
     assert finish.usage.completion_tokens >= 1
 
 
+def _wait_until_idle(client, timeout_s: float = 10.0) -> pb.StatusResponse:
+    deadline = time.monotonic() + timeout_s
+    status = client.status()
+    while (status.running or status.kv_cache.blocks_used) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        status = client.status()
+    return status
+
+
 def test_deadline_exceeded(client):
     with pytest.raises(grpc.RpcError) as info:
         list(client.generate(text="Write a long story.", max_new_tokens=128, ignore_eos=True, timeout=0.5))
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    status = _wait_until_idle(client)  # the late stream left the batch and gave its KV blocks back
+    assert status.running == 0 and status.batch_bucket == 0 and status.kv_cache.blocks_used == 0
+
+
+def test_status_reports_running_streams_their_batch_bucket_and_kv_cache_use(client):
+    assert _wait_until_idle(client).running == 0
+    calls = [client.generate_stream(client.request(text=f"Story {i}: once upon a time", max_new_tokens=128,
+                                                   ignore_eos=True)) for i in range(3)]
+    try:
+        for call in calls:
+            next(call)  # each stream has joined the batch and holds its prompt's blocks
+        status = client.status()
+        assert status.running == 3 and status.batch_bucket == 4  # the smallest decode bucket that holds 3 rows
+        kv = status.kv_cache
+        assert 3 <= kv.blocks_used <= kv.blocks_total and kv.block_size > 0 and kv.bytes_total > 0
+    finally:
+        for call in calls:
+            call.cancel()
+    status = _wait_until_idle(client)
+    assert status.running == 0 and status.batch_bucket == 0 and status.kv_cache.blocks_used == 0
 
 
 def test_status_and_warm_graphs_on_the_cpu(client):

@@ -143,15 +143,32 @@ def test_metrics_endpoint_counts_requests(tmp_path):
             client.complete(text="Hello", max_new_tokens=3, ignore_eos=True)
             with pytest.raises(grpc.RpcError):
                 list(client.generate(text="", max_new_tokens=1))
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        text = _scrape(port)
         for name in ("hjcg_time_to_first_token_seconds_count 1.0", "hjcg_generation_tokens_total 3.0",
                      'hjcg_request_success_total{finished_reason="length"} 1.0',
                      'hjcg_requests_by_status_total{code="INVALID_ARGUMENT"} 1.0',
                      "hjcg_inter_token_latency_seconds_count 2.0", "hjcg_num_requests_waiting 0.0",
                      "hjcg_num_requests_running 0.0", "hjcg_graph_cache_bytes 0.0"):
             assert name in text, name
+        with HjcgClient(s.tcp) as client:
+            call = client.generate_stream(client.request(text="Tell me a long story.", max_new_tokens=64,
+                                                         ignore_eos=True))
+            next(call)  # the stream runs: one row of the smallest batch bucket, its blocks in use
+            try:
+                running = _scrape(port)
+            finally:
+                call.cancel()
+        for name in ("hjcg_num_requests_running 1.0", "hjcg_batch_bucket 1.0"):
+            assert name in running, name
+        usage = float(next(line.split()[1] for line in running.splitlines()
+                           if line.startswith("hjcg_kv_cache_usage_ratio ")))
+        assert 0.0 < usage < 1.0
     finally:
         s.stop()
+
+
+def _scrape(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
 
 
 def test_tls_and_mutual_tls(tmp_path):
