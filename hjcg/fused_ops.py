@@ -9,6 +9,8 @@ from hjcg.kv_cache import PagedKVCache
 from hjcg.llama import Attention, FastLlama, LayerOps, QkvAttention, Weight
 from hjcg.native import _C
 
+_ops = torch.ops.hjcg  # the extension's kernels (csrc/registration.cpp)
+
 # The fp8 GEMV takes up to 16 rows (its mma's m). Measured on the H100 (bench/results/2026-11-23-h100-fp8-lab),
 # Llama-2-7B's 32 layers of products: 3.75 ms at 10 rows against 3.97 for the fp8 GEMM, 4.02 against 3.99 at 16;
 # and it keeps a decode batch of up to 16 streams batch-invariant.
@@ -63,11 +65,11 @@ class FusedCudaOps(LayerOps):
                   residual: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
         """The GEMV `kind` (what _gemv chose for x and weight) into out."""
         if kind == "fp8":
-            _C.gemv_fp8(x, weight.q, weight.scale, rms_eps, silu_mul, residual, out, pdl=self.pdl)
+            _ops.gemv_fp8(x, weight.q, weight.scale, rms_eps, silu_mul, residual, out, pdl=self.pdl)
         elif kind == "cuda_cores":
-            _C.gemv(x, weight, rms_eps, silu_mul, residual, out)  # no PDL: measured slower (EngineConfig.pdl)
+            _ops.gemv(x, weight, rms_eps, silu_mul, residual, out)  # no PDL: measured slower (EngineConfig.pdl)
         else:
-            _C.gemv_mma(x, weight, rms_eps, silu_mul, residual, out, pdl=self.pdl)
+            _ops.gemv_mma(x, weight, rms_eps, silu_mul, residual, out, pdl=self.pdl)
         return out
 
     def linear(self, x: torch.Tensor, weight: Weight) -> torch.Tensor:
@@ -112,7 +114,7 @@ class FusedCudaOps(LayerOps):
         if x.shape[-1] % vec or x.shape[-1] > 4096 * vec:
             return super().rms_norm(x, weight, eps)
         out = torch.empty_like(x)
-        _C.rms_norm(x.contiguous(), weight, eps, out)
+        _ops.rms_norm(x.contiguous(), weight, eps, out)
         return out
 
     def norm_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: Weight) -> torch.Tensor:
@@ -142,8 +144,8 @@ class FusedCudaOps(LayerOps):
         q = torch.empty(n, s.num_heads, s.head_dim, device=qkv.device, dtype=qkv.dtype)
         k = torch.empty(n, s.num_kv_heads, s.head_dim, device=qkv.device, dtype=qkv.dtype)
         v = torch.empty_like(k)
-        _C.rope_cache(qkv, model.cos, model.sin, positions, slots, s.num_heads, s.num_kv_heads, q, k, v,
-                      cache.k[layer], cache.v[layer], norm_x, eps, pdl=pdl)
+        _ops.rope_cache(qkv, model.cos, model.sin, positions, slots, s.num_heads, s.num_kv_heads, q, k, v,
+                        cache.k[layer], cache.v[layer], norm_x, eps, pdl=pdl)
         return q, k, v
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -152,7 +154,7 @@ class FusedCudaOps(LayerOps):
     @staticmethod
     def _silu_mul(gate_up: torch.Tensor, norm_x: torch.Tensor | None, eps: float) -> torch.Tensor:
         out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, device=gate_up.device, dtype=gate_up.dtype)
-        _C.silu_mul(gate_up, out, norm_x, eps)
+        _ops.silu_mul(gate_up, out, norm_x, eps)
         return out
 
     def residual_linear(self, x: torch.Tensor, h: torch.Tensor, weight: Weight) -> torch.Tensor:
@@ -185,7 +187,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.clone()
     q = torch.empty(x.shape, device=x.device, dtype=FP8_DTYPE)
     scale = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
-    _C.quantize_rows(x, q, scale)
+    _ops.quantize_rows(x, q, scale)
     return q, scale
 
 
@@ -216,8 +218,8 @@ def paged_decode_attention(cache: PagedKVCache, tables: torch.Tensor, seq_lens: 
         b, heads, dim = q.shape
         ws, counters = scratch(b, heads, dim, q.device)
         out = torch.empty_like(q)
-        _C.decode_attention(q.contiguous(), cache.k[layer], cache.v[layer], tables[:b], seq_lens[:b],
-                            cache.block_size, dim ** -0.5, out, ws, counters, pdl=pdl)
+        _ops.decode_attention(q.contiguous(), cache.k[layer], cache.v[layer], tables[:b], seq_lens[:b],
+                              cache.block_size, dim ** -0.5, out, ws, counters, pdl=pdl)
         return out
 
     return attend
@@ -235,8 +237,8 @@ def rope_decode_attention(model: FastLlama, cache: PagedKVCache, tables: torch.T
         b = qkv.shape[0]
         ws, counters = scratch(b, s.num_heads, s.head_dim, qkv.device)
         out = torch.empty(b, s.num_heads, s.head_dim, device=qkv.device, dtype=qkv.dtype)
-        _C.rope_decode_attention(qkv, model.cos, model.sin, cache.k[layer], cache.v[layer], tables[:b], seq_lens[:b],
-                                 cache.block_size, s.head_dim ** -0.5, out, ws, counters, pdl=pdl)
+        _ops.rope_decode_attention(qkv, model.cos, model.sin, cache.k[layer], cache.v[layer], tables[:b], seq_lens[:b],
+                                   cache.block_size, s.head_dim ** -0.5, out, ws, counters, pdl=pdl)
         return out
 
     return attend

@@ -107,3 +107,89 @@ def test_the_ops_refuse_bad_arguments_with_a_message():
         torch.ops.hjcg.sample(*args)
     with pytest.raises(RuntimeError, match="does not fit a bucket"):
         torch.ops.hjcg.pad_prompt(torch.arange(9), 0, 0, *pad_args("cpu")[3:])
+
+
+# --- the decode step's kernels: CUDA-only ops ---------------------------------------------------------------
+
+# what each op writes, as ops.h documents it: the schema must say so (the dispatcher, torch.compile and
+# functionalization trust it), and opcheck on the GPU checks that the kernel writes nothing else
+WRITES = {
+    "sample": {"history", "history_len", "offset", "out"},
+    "pad_prompt": {"input_ids", "positions", "last_index", "seq_len"},
+    "apply_token_bitmask": {"logits"},
+    "decode_attention": {"out", "workspace", "counters"},
+    "rope_decode_attention": {"k_pool", "v_pool", "out", "workspace", "counters"},
+    "rms_norm": {"out"},
+    "rope_cache": {"q_out", "k_out", "v_out", "k_cache", "v_cache"},
+    "silu_mul": {"out"},
+    "gemv": {"out"},
+    "gemv_fp8": {"out"},
+    "gemv_mma": {"out"},
+    "quantize_rows": {"q", "scale"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(WRITES))
+def test_every_op_declares_what_it_writes_and_returns_nothing(name):
+    schema = getattr(torch.ops.hjcg, name).default._schema
+    written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert written == WRITES[name] and not schema.returns
+
+
+def test_a_cuda_only_op_refuses_cpu_tensors_with_a_message():
+    x = torch.ones(2, 8)
+    with pytest.raises(NotImplementedError, match="hjcg::rms_norm.*CPU"):
+        torch.ops.hjcg.rms_norm(x, torch.ones(8), 1e-5, torch.empty_like(x))
+
+
+def cuda_op_args(name: str) -> tuple:
+    """Small valid arguments for a CUDA-only op (the GPU kernel tests check its values; these, its schema)."""
+    from hjcg import fp8
+
+    torch.manual_seed(0)
+    d, f16, heads, kv_heads, dim, block, rows = "cuda", torch.float16, 4, 2, 64, 16, 2
+    rand = lambda *shape, dtype=f16: torch.randn(*shape, device=d, dtype=dtype)  # noqa: E731
+    pool = lambda: rand(5 * block, kv_heads, dim)  # noqa: E731  (blocks 0..4 of one layer)
+    tables = torch.tensor([[1, 2], [3, 4]], device=d, dtype=torch.int32)
+    seq_lens = torch.tensor([20, 5], device=d)
+    angles = torch.rand(64, dim // 2, device=d) * 6.3
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(f16) for f in (torch.cos, torch.sin))
+    qkv = rand(rows, (heads + 2 * kv_heads) * dim)
+    scratch = lambda: (torch.empty(rows * heads, 16, dim + 2, device=d),  # noqa: E731
+                       torch.zeros(rows * heads, device=d, dtype=torch.int32))
+    k, n = 256, 128
+    x, w = rand(rows, k), rand(n, k) * k ** -0.5
+    if name == "decode_attention":
+        return (rand(rows, heads, dim), pool(), pool(), tables, seq_lens, block, dim ** -0.5,
+                rand(rows, heads, dim), *scratch(), False)
+    if name == "rope_decode_attention":
+        return (qkv, cos, sin, pool(), pool(), tables, seq_lens, block, dim ** -0.5, rand(rows, heads, dim),
+                *scratch(), False)
+    if name == "rms_norm":
+        return x, rand(k), 1e-5, torch.empty_like(x)
+    if name == "rope_cache":
+        positions, slots = torch.tensor([3, 7], device=d), torch.tensor([5, 40], device=d)
+        return (qkv, cos, sin, positions, slots, heads, kv_heads, rand(rows, heads, dim), rand(rows, kv_heads, dim),
+                rand(rows, kv_heads, dim), pool(), pool(), x, 1e-5, False)
+    if name == "silu_mul":
+        return rand(rows, 2 * k), torch.empty_like(x), None, 0.0
+    if name == "gemv":
+        return x, w, 1e-5, False, rand(rows, n), torch.empty(rows, n, device=d, dtype=f16)
+    if name == "gemv_mma":
+        return x, w, 1e-5, False, rand(rows, n), torch.empty(rows, n, device=d, dtype=f16), 0, 0, 0, 0, 0, False
+    if name == "gemv_fp8":
+        q = fp8.quantize_weight(w)
+        return (rand(rows, 2 * k), q.q, q.scale, -1.0, True, None, torch.empty(rows, n, device=d, dtype=f16),
+                0, 0, 0, 0, 0, False)
+    if name == "quantize_rows":
+        return x, torch.empty(x.shape, device=d, dtype=fp8.FP8_DTYPE), torch.empty(rows, device=d)
+    raise KeyError(name)
+
+
+CUDA_ONLY = sorted(set(WRITES) - {"sample", "pad_prompt", "apply_token_bitmask"})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", CUDA_ONLY)
+def test_cuda_only_op_passes_opcheck(name):
+    torch.library.opcheck(getattr(torch.ops.hjcg, name).default, cuda_op_args(name))

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from hjcg import fp8
 from hjcg.native import _C
 
+_ops = torch.ops.hjcg  # the extension's kernels (csrc/registration.cpp)
+
 pytestmark = pytest.mark.gpu
 
 EPS = 1e-5
@@ -34,7 +36,7 @@ def random_fp8_weight(n: int, k: int, dtype: torch.dtype) -> fp8.Fp8Weight:
 def gemv(x, w, rms_eps, silu_mul, residual, n, split=0, depth=0, stages=0, tiles=0):
     """The fp8 GEMV into `residual` (in place) where given, else into a NaN-poisoned out."""
     out = residual if residual is not None else torch.full((len(x), n), float("nan"), device="cuda", dtype=x.dtype)
-    _C.gemv_fp8(x, w.q, w.scale, rms_eps, silu_mul, residual, out, split, depth, stages, tiles)
+    _ops.gemv_fp8(x, w.q, w.scale, rms_eps, silu_mul, residual, out, split, depth, stages, tiles)
     return out
 
 
@@ -62,7 +64,7 @@ def test_gemv_fp8_with_each_fusion_matches_reference(dtype, k, n, rows):
     expected = residual.float() + fp8.linear_reference(xf, w)
     close_rows(gemv(x, w, -1.0, False, residual.clone(), n), expected, tol)  # residual in place
     out = torch.full((rows, n), float("nan"), device="cuda", dtype=dtype)
-    _C.gemv_fp8(x, w.q, w.scale, -1.0, False, residual, out)  # residual into a separate out
+    _ops.gemv_fp8(x, w.q, w.scale, -1.0, False, residual, out)  # residual into a separate out
     close_rows(out, expected, tol)
     act = F.silu(gate_up[:, :k]) * gate_up[:, k:]  # rounded to dtype as transformers rounds it
     close_rows(gemv(gate_up, w, -1.0, True, residual.clone(), n), residual.float() + fp8.linear_reference(act.float(), w),
@@ -104,21 +106,21 @@ def test_gemv_fp8_rejects_what_it_cannot_take():
     assert not _C.gemv_fp8_supported(x[:, 8:].contiguous(), w.q[:, 8:].contiguous(), w.scale)  # K % 16
     out = torch.empty(2, 64, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="x must be a contiguous"):
-        _C.gemv_fp8(x.float(), w.q, w.scale, -1.0, False, None, out)
+        _ops.gemv_fp8(x.float(), w.q, w.scale, -1.0, False, None, out)
     with pytest.raises(RuntimeError, match="depth must be"):
-        _C.gemv_fp8(x, w.q, w.scale, -1.0, False, None, out, 0, 3)
+        _ops.gemv_fp8(x, w.q, w.scale, -1.0, False, None, out, 0, 3)
     with pytest.raises(RuntimeError, match="stages must be"):
-        _C.gemv_fp8(x, w.q, w.scale, -1.0, False, None, out, 0, 0, 9)
+        _ops.gemv_fp8(x, w.q, w.scale, -1.0, False, None, out, 0, 0, 9)
     with pytest.raises(RuntimeError, match="tiles must be"):
-        _C.gemv_fp8(x, w.q, w.scale, -1.0, False, None, out, 0, 0, 0, 3)
+        _ops.gemv_fp8(x, w.q, w.scale, -1.0, False, None, out, 0, 0, 0, 3)
     with pytest.raises(RuntimeError, match="2 tiles need the ring"):
-        _C.gemv_fp8(x, w.q, w.scale, -1.0, False, None, out, 8, 2, 1, 2)
+        _ops.gemv_fp8(x, w.q, w.scale, -1.0, False, None, out, 8, 2, 1, 2)
     with pytest.raises(RuntimeError, match="2 tiles need the ring"):
-        _C.gemv_fp8(x, w.q, w.scale, -1.0, False, None, out, 8, 4, 2, 2)
+        _ops.gemv_fp8(x, w.q, w.scale, -1.0, False, None, out, 8, 4, 2, 2)
     with pytest.raises(RuntimeError, match="norm and silu_mul"):
-        _C.gemv_fp8(torch.randn(2, 8192, device="cuda", dtype=torch.float16), w.q, w.scale, EPS, True, None, out)
+        _ops.gemv_fp8(torch.randn(2, 8192, device="cuda", dtype=torch.float16), w.q, w.scale, EPS, True, None, out)
     with pytest.raises(RuntimeError, match="overlap"):
-        _C.gemv_fp8(x, w.q, w.scale, -1.0, False, None, x.view(-1)[:128].view(2, 64))  # out inside x
+        _ops.gemv_fp8(x, w.q, w.scale, -1.0, False, None, x.view(-1)[:128].view(2, 64))  # out inside x
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

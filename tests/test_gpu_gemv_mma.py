@@ -9,6 +9,8 @@ from hjcg.native import _C
 # the fp8 GEMV's tolerances (float32 sums, then the output's rounding to the activation dtype) and row checks
 from test_gpu_fp8 import EPS, TOL, close_rows
 
+_ops = torch.ops.hjcg  # the extension's kernels (csrc/registration.cpp)
+
 pytestmark = pytest.mark.gpu
 
 
@@ -16,7 +18,7 @@ def gemv(x, w, rms_eps, silu_mul, residual, split=0, depth=0, stages=0, tiles=0)
     """The tensor-core GEMV into `residual` (in place) where given, else into a NaN-poisoned out."""
     n = w.shape[0]
     out = residual if residual is not None else torch.full((len(x), n), float("nan"), device="cuda", dtype=x.dtype)
-    _C.gemv_mma(x, w, rms_eps, silu_mul, residual, out, split, depth, stages, tiles)
+    _ops.gemv_mma(x, w, rms_eps, silu_mul, residual, out, split, depth, stages, tiles)
     return out
 
 
@@ -45,7 +47,7 @@ def test_gemv_mma_with_each_fusion_matches_torch(dtype, k, n, rows):
     expected = residual.double() + x64 @ w64.t()
     close_rows(gemv(x, w, -1.0, False, residual.clone()), expected, tol)  # residual in place
     out = torch.full((rows, n), float("nan"), device="cuda", dtype=dtype)
-    _C.gemv_mma(x, w, -1.0, False, residual, out)  # residual into a separate out
+    _ops.gemv_mma(x, w, -1.0, False, residual, out)  # residual into a separate out
     close_rows(out, expected, tol)
     act = F.silu(gate_up[:, :k]) * gate_up[:, k:]  # rounded to dtype as transformers rounds it
     close_rows(gemv(gate_up, w, -1.0, True, residual.clone()), residual.double() + act.double() @ w64.t(), tol)
@@ -85,19 +87,19 @@ def test_gemv_mma_rejects_what_it_cannot_take():
     assert not _C.gemv_mma_supported(x.cpu(), w.cpu())
     out = torch.empty(2, 64, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="x must be a contiguous"):
-        _C.gemv_mma(x, w.bfloat16(), -1.0, False, None, out)
+        _ops.gemv_mma(x, w.bfloat16(), -1.0, False, None, out)
     with pytest.raises(RuntimeError, match="depth must be"):
-        _C.gemv_mma(x, w, -1.0, False, None, out, 0, 3)
+        _ops.gemv_mma(x, w, -1.0, False, None, out, 0, 3)
     with pytest.raises(RuntimeError, match="2 tiles need the ring"):
-        _C.gemv_mma(x, w, -1.0, False, None, out, 8, 2, 1, 2)
+        _ops.gemv_mma(x, w, -1.0, False, None, out, 8, 2, 1, 2)
     with pytest.raises(RuntimeError, match="copy_order must be"):
-        _C.gemv_mma(x, w, -1.0, False, None, out, 0, 0, 0, 0, 3)
+        _ops.gemv_mma(x, w, -1.0, False, None, out, 0, 0, 0, 0, 3)
     with pytest.raises(RuntimeError, match="norm and silu_mul"):
-        _C.gemv_mma(torch.randn(2, 8192, device="cuda", dtype=torch.float16), w, EPS, True, None, out)
+        _ops.gemv_mma(torch.randn(2, 8192, device="cuda", dtype=torch.float16), w, EPS, True, None, out)
     with pytest.raises(RuntimeError, match="must not overlap"):
-        _C.gemv_mma(x, w, -1.0, False, None, x.view(-1)[:128].view(2, 64))  # out inside x
+        _ops.gemv_mma(x, w, -1.0, False, None, x.view(-1)[:128].view(2, 64))  # out inside x
     with pytest.raises(RuntimeError, match="out and residual must be"):
-        _C.gemv_mma(x, w, -1.0, False, None, torch.empty(2, 63, device="cuda", dtype=torch.float16))
+        _ops.gemv_mma(x, w, -1.0, False, None, torch.empty(2, 63, device="cuda", dtype=torch.float16))
 
 
 @pytest.mark.parametrize("rows,kernel", [(1, "cuda_cores"), (4, "cuda_cores"), (5, "tensor_cores"),
@@ -111,7 +113,7 @@ def test_fused_ops_send_each_decode_size_to_its_gemv(rows, kernel):
     out = ops.linear(x, w)
     if kernel == "cuda_cores":
         expected = torch.full_like(out, float("nan"))
-        _C.gemv(x, w, -1.0, False, None, expected)
+        _ops.gemv(x, w, -1.0, False, None, expected)
     elif kernel == "tensor_cores":
         expected = gemv(x, w, -1.0, False, None)
     else:
@@ -140,9 +142,9 @@ def test_ring_copied_by_whole_rows_gives_the_same_bits(fmt, split, depth, stages
         out = res.clone() if res is not None else torch.full((rows, n), float("nan"), device="cuda", dtype=x.dtype)
         launch = (split, depth, stages, tiles, order)
         if fmt == "fp16":
-            _C.gemv_mma(inp, w, rms_eps, silu_mul, out if res is not None else None, out, *launch)
+            _ops.gemv_mma(inp, w, rms_eps, silu_mul, out if res is not None else None, out, *launch)
         else:
-            _C.gemv_fp8(inp, q.q, q.scale, rms_eps, silu_mul, out if res is not None else None, out, *launch)
+            _ops.gemv_fp8(inp, q.q, q.scale, rms_eps, silu_mul, out if res is not None else None, out, *launch)
         return out
 
     for inp, rms_eps, silu_mul, res in ((x, EPS, False, None), (gate_up, -1.0, True, residual)):

@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from hjcg.native import _C
 from sampling_spec import KernelRow, target_distribution
 
+_ops = torch.ops.hjcg  # the extension's kernels (csrc/registration.cpp)
+
 pytestmark = pytest.mark.gpu
 
 
@@ -131,7 +133,7 @@ def test_decode_attention_matches_sdpa(dtype, tol, heads, kv_heads, dim, length)
     out = torch.full_like(q, float("nan"))
     ws = torch.empty(rows * heads, 16, dim + 2, device="cuda", dtype=torch.float32)
     counters = torch.zeros(rows * heads, device="cuda", dtype=torch.int32)
-    _C.decode_attention(q, cache.k[0], cache.v[0], tables, seq_lens, block_size, dim ** -0.5, out, ws, counters)
+    _ops.decode_attention(q, cache.k[0], cache.v[0], tables, seq_lens, block_size, dim ** -0.5, out, ws, counters)
     assert not counters.any()  # the last split of each head left its counter ready for the next launch
     for r, n in enumerate(lengths):
         keys, values = cache.gather(0, cache.table_slots(tables[r:r + 1], n)[0])
@@ -165,8 +167,8 @@ def test_decode_attention_row_depends_on_its_own_length_only_and_relaunches_bit_
         ws = torch.empty(n * heads, 16, dim + 2, device="cuda", dtype=torch.float32)
         counters = torch.zeros(n * heads, device="cuda", dtype=torch.int32)
         for _ in range(3):  # the counters are reused, as by every layer of a graph
-            _C.decode_attention(q[rows], cache.k[0], cache.v[0], tables[rows], seq_lens[rows], block_size,
-                                dim ** -0.5, out, ws, counters)
+            _ops.decode_attention(q[rows], cache.k[0], cache.v[0], tables[rows], seq_lens[rows], block_size,
+                                  dim ** -0.5, out, ws, counters)
         assert not counters.any()
         return out
 
@@ -207,13 +209,13 @@ def test_rope_decode_attention_gives_the_bits_of_rope_cache_then_decode_attentio
     q = torch.empty(rows, heads, dim, device="cuda", dtype=dtype)
     k_new, v_new = (torch.empty(rows, kv_heads, dim, device="cuda", dtype=dtype) for _ in range(2))
     # the empty row writes nothing in the fused kernel: leave rope_cache nothing to write for it either
-    _C.rope_cache(qkv[live], cos, sin, positions[live], slots[live], heads, kv_heads, q[:4], k_new[:4], v_new[:4],
-                  caches[0].k[0], caches[0].v[0])
+    _ops.rope_cache(qkv[live], cos, sin, positions[live], slots[live], heads, kv_heads, q[:4], k_new[:4], v_new[:4],
+                    caches[0].k[0], caches[0].v[0])
     q[4] = 0
-    _C.decode_attention(q, caches[0].k[0], caches[0].v[0], tables, seq_lens, block_size, dim ** -0.5, outs[0],
-                        *scratch[0])
-    _C.rope_decode_attention(qkv, cos, sin, caches[1].k[0], caches[1].v[0], tables, seq_lens, block_size,
-                             dim ** -0.5, outs[1], *scratch[1])
+    _ops.decode_attention(q, caches[0].k[0], caches[0].v[0], tables, seq_lens, block_size, dim ** -0.5, outs[0],
+                          *scratch[0])
+    _ops.rope_decode_attention(qkv, cos, sin, caches[1].k[0], caches[1].v[0], tables, seq_lens, block_size,
+                               dim ** -0.5, outs[1], *scratch[1])
     assert torch.isfinite(outs[0]).all()
     assert torch.equal(outs[1], outs[0])
     assert torch.equal(caches[1].k, caches[0].k) and torch.equal(caches[1].v, caches[0].v)
@@ -227,11 +229,11 @@ def test_rope_decode_attention_rejects_a_qkv_of_the_wrong_width_and_a_strided_ou
     cos = torch.ones(16, 64, device="cuda", dtype=torch.float16)
 
     def call(qkv_width: int, out: torch.Tensor) -> None:
-        _C.rope_decode_attention(torch.zeros(1, qkv_width, device="cuda", dtype=torch.float16), cos, cos, cache.k[0],
-                                 cache.v[0], torch.ones(1, 1, dtype=torch.int32, device="cuda"),
-                                 torch.ones(1, dtype=torch.int64, device="cuda"), 16, 0.125, out,
-                                 torch.empty(4, 16, 66, device="cuda"),
-                                 torch.zeros(4, dtype=torch.int32, device="cuda"))
+        _ops.rope_decode_attention(torch.zeros(1, qkv_width, device="cuda", dtype=torch.float16), cos, cos, cache.k[0],
+                                   cache.v[0], torch.ones(1, 1, dtype=torch.int32, device="cuda"),
+                                   torch.ones(1, dtype=torch.int64, device="cuda"), 16, 0.125, out,
+                                   torch.empty(4, 16, 66, device="cuda"),
+                                   torch.zeros(4, dtype=torch.int32, device="cuda"))
 
     out = torch.empty(1, 4, 64, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="qkv must be contiguous"):
@@ -248,9 +250,9 @@ def test_decode_attention_rejects_counters_of_the_wrong_shape():
     q = torch.zeros(1, 2, 64, device="cuda", dtype=torch.float16)
     ws = torch.empty(2, 16, 66, device="cuda", dtype=torch.float32)
     with pytest.raises(RuntimeError, match="counters must be int32"):
-        _C.decode_attention(q, cache.k[0], cache.v[0], torch.ones(1, 1, dtype=torch.int32, device="cuda"),
-                            torch.ones(1, dtype=torch.int64, device="cuda"), 16, 0.125, torch.empty_like(q), ws,
-                            torch.zeros(1, dtype=torch.int32, device="cuda"))
+        _ops.decode_attention(q, cache.k[0], cache.v[0], torch.ones(1, 1, dtype=torch.int32, device="cuda"),
+                              torch.ones(1, dtype=torch.int64, device="cuda"), 16, 0.125, torch.empty_like(q), ws,
+                              torch.zeros(1, dtype=torch.int32, device="cuda"))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -326,7 +328,7 @@ def test_gemv_with_fused_norm_activation_and_residual_matches_torch(dtype, k, n,
 
     def gemv(x, rms_eps, silu_mul, residual):  # in place into residual where given, as the layer runs it
         out = residual if residual is not None else torch.full((len(x), n), float("nan"), device="cuda", dtype=dtype)
-        _C.gemv(x, w, rms_eps, silu_mul, residual, out)
+        _ops.gemv(x, w, rms_eps, silu_mul, residual, out)
         return out
 
     x64, w64 = x.double(), w.double()
@@ -334,7 +336,7 @@ def test_gemv_with_fused_norm_activation_and_residual_matches_torch(dtype, k, n,
     close(gemv(x, 1e-5, False, None), normed @ w64.t())  # the norm as a scale (its weight folded into w)
     close(gemv(x, -1.0, False, residual.clone()), residual.double() + x64 @ w64.t())
     out = torch.full((rows, n), float("nan"), device="cuda", dtype=dtype)
-    _C.gemv(x, w, -1.0, False, residual, out)  # residual into a separate out
+    _ops.gemv(x, w, -1.0, False, residual, out)  # residual into a separate out
     close(out, residual.double() + x64 @ w64.t())
     act = torch.nn.functional.silu(gate_up[:, :k]) * gate_up[:, k:]
     close(gemv(gate_up, -1.0, True, residual.clone()), residual.double() + act.double() @ w64.t())

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from hjcg import fp8
-from hjcg.native import _C
+import hjcg.native  # noqa: F401  (registers torch.ops.hjcg)
+
+_ops = torch.ops.hjcg  # the extension's kernels (csrc/registration.cpp)
 
 pytestmark = pytest.mark.gpu
 
@@ -23,9 +25,9 @@ def weights(kind: str, rows: int, seed: int):
 
 def gemv(kind: str, x, w, rms_eps: float, residual, out, pdl: bool) -> None:
     if kind == "fp8":
-        _C.gemv_fp8(x, w.q, w.scale, rms_eps, False, residual, out, pdl=pdl)
+        _ops.gemv_fp8(x, w.q, w.scale, rms_eps, False, residual, out, pdl=pdl)
     else:
-        _C.gemv_mma(x, w, rms_eps, False, residual, out, pdl=pdl)
+        _ops.gemv_mma(x, w, rms_eps, False, residual, out, pdl=pdl)
 
 
 def chain(kind: str, mats, h: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, pdl: bool) -> None:
@@ -68,15 +70,15 @@ def attention_step(w, x, qkv, cos, sin, positions, slots, q, k_new, v_new, cache
                    counters, fused: bool, pdl: bool) -> None:
     """A decode step's attention: the qkv GEMV, then rope_cache (q, and the newest position's K/V into the cache) and
     the decode attention over every position, the newest included; or (fused) rope_decode_attention, both in one."""
-    _C.gemv_fp8(x, w.q, w.scale, EPS, False, None, qkv, pdl=pdl)
+    _ops.gemv_fp8(x, w.q, w.scale, EPS, False, None, qkv, pdl=pdl)
     if fused:
-        _C.rope_decode_attention(qkv, cos, sin, cache.k[0], cache.v[0], tables, seq_lens, BLOCK, HEAD_DIM ** -0.5,
-                                 out, ws, counters, pdl=pdl)
+        _ops.rope_decode_attention(qkv, cos, sin, cache.k[0], cache.v[0], tables, seq_lens, BLOCK, HEAD_DIM ** -0.5,
+                                   out, ws, counters, pdl=pdl)
         return
-    _C.rope_cache(qkv, cos, sin, positions, slots, HEADS, KV_HEADS, q, k_new, v_new, cache.k[0], cache.v[0],
-                  pdl=pdl)
-    _C.decode_attention(q, cache.k[0], cache.v[0], tables, seq_lens, BLOCK, HEAD_DIM ** -0.5, out, ws, counters,
-                        pdl=pdl)
+    _ops.rope_cache(qkv, cos, sin, positions, slots, HEADS, KV_HEADS, q, k_new, v_new, cache.k[0], cache.v[0],
+                    pdl=pdl)
+    _ops.decode_attention(q, cache.k[0], cache.v[0], tables, seq_lens, BLOCK, HEAD_DIM ** -0.5, out, ws, counters,
+                          pdl=pdl)
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -26,9 +26,11 @@ import torch
 
 from bench.common import cuda_time, environment, floors
 from bench.lab.gemv_rows import EPS, FFN, HIDDEN, LM_HEAD_CALLS, SHAPES, Buffers, Weights, gemv_chain, graph_of
-from hjcg import _C
+import hjcg.native  # noqa: F401  (registers torch.ops.hjcg)
 from hjcg.fp8 import Fp8Weight, quantize_weight
 from hjcg.fused_ops import FP8_GEMV_MAX_ROWS, FusedCudaOps
+
+_ops = torch.ops.hjcg  # the extension's kernels (csrc/registration.cpp)
 
 ROWS = (1, 2, 4, 8, 10, 16)
 FP16_ROWS = (1, 2, 4, 8)  # the fp16 GEMV's limit
@@ -61,7 +63,7 @@ def call(shape: str, w: Fp8Weight, b: Buffers, launch: tuple = (0, 0, 0, 0)) -> 
     """`launch`: gemv_fp8's trailing arguments (split, depth, stages, tiles[, copy_order, pdl])."""
     inp, out, rms_eps, silu_mul, residual = CALLS[shape]
     dst = getattr(b, out)
-    _C.gemv_fp8(getattr(b, inp), w.q, w.scale, rms_eps, silu_mul, dst if residual else None, dst, *launch)
+    _ops.gemv_fp8(getattr(b, inp), w.q, w.scale, rms_eps, silu_mul, dst if residual else None, dst, *launch)
 
 
 def fp8_chain(w: Fp8Weights, b: Buffers, launch: tuple) -> None:

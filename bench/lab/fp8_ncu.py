@@ -15,8 +15,10 @@ import torch
 from bench.lab.fp8_gemv import CALLS, call
 from bench.lab import gemv_rows
 from bench.lab.gemv_rows import FFN, HIDDEN, VOCAB, Buffers
-from hjcg import _C
+import hjcg.native  # noqa: F401  (registers torch.ops.hjcg)
 from hjcg.fp8 import quantize_weight
+
+_ops = torch.ops.hjcg  # the extension's kernels (csrc/registration.cpp)
 
 SHAPES = {**gemv_rows.SHAPES, "lm_head": (VOCAB, HIDDEN)}  # (N, K) of the chain's matrices, the lm head last
 
@@ -24,7 +26,7 @@ SHAPES = {**gemv_rows.SHAPES, "lm_head": (VOCAB, HIDDEN)}  # (N, K) of the chain
 def fp16_call(shape: str, w: torch.Tensor, b: Buffers) -> None:
     inp, out, rms_eps, silu_mul, residual = CALLS[shape]
     dst = getattr(b, out)
-    _C.gemv(getattr(b, inp), w, rms_eps, silu_mul, dst if residual else None, dst)
+    _ops.gemv(getattr(b, inp), w, rms_eps, silu_mul, dst if residual else None, dst)
 
 
 def main() -> None:

@@ -27,8 +27,10 @@ import torch
 from bench.common import cuda_time, environment, floors
 from bench.lab.fp8_gemv import Fp8Weights, fp8_chain
 from bench.lab.gemv_rows import EPS, HIDDEN, FFN, Buffers, Weights, gemv_chain, graph_of
-from hjcg import _C
+import hjcg.native  # noqa: F401  (registers torch.ops.hjcg)
 from hjcg.fp8 import quantize_weight
+
+_ops = torch.ops.hjcg  # the extension's kernels (csrc/registration.cpp)
 
 # (name, N, K, kind): kinds as the chain calls them; every case <= 17 MB in fp8 (the fp16 ones <= 34 MB)
 HOT_CASES = [("o", HIDDEN, HIDDEN, "residual"), ("norm_4096", HIDDEN, HIDDEN, "norm"), ("down_1536", 1536, FFN, "silu"),
@@ -41,9 +43,9 @@ def gemv_call(kind: str, w, x: torch.Tensor, act: torch.Tensor, out: torch.Tenso
     inp = act if kind == "silu" else x
     residual = out if kind in ("residual", "silu") else None
     if isinstance(w, torch.Tensor):
-        _C.gemv(inp, w, rms_eps, kind == "silu", residual, out)
+        _ops.gemv(inp, w, rms_eps, kind == "silu", residual, out)
     else:
-        _C.gemv_fp8(inp, w.q, w.scale, rms_eps, kind == "silu", residual, out)
+        _ops.gemv_fp8(inp, w.q, w.scale, rms_eps, kind == "silu", residual, out)
 
 
 def hot(result: dict) -> None:
@@ -79,7 +81,7 @@ def pdl(result: dict, w16: Weights, w8: Fp8Weights, b: Buffers) -> None:
                 if fmt == "fp8":
                     graph = graph_of(lambda: fp8_chain(w, b, launch))
                 else:
-                    graph = graph_of(lambda: gemv_chain(w, b, lambda *a: _C.gemv_mma(*a, *launch)))
+                    graph = graph_of(lambda: gemv_chain(w, b, lambda *a: _ops.gemv_mma(*a, *launch)))
                 logits = b.logits.clone()
                 ref = logits if ref is None else ref
                 s = cuda_time(graph.replay, warmup=5, repeat=30)

@@ -18,7 +18,9 @@ import torch
 from bench.common import environment, floors
 from bench.lab.fp8_gemv import Fp8Weights, fp8_chain, replay_s
 from bench.lab.gemv_rows import FFN, HIDDEN, Buffers, Weights, gemv_chain, graph_of, torch_chain
-from hjcg import _C
+import hjcg.native  # noqa: F401  (registers torch.ops.hjcg)
+
+_ops = torch.ops.hjcg  # the extension's kernels (csrc/registration.cpp)
 
 ROWS = (1, 4, 8, 16)
 # name -> (split, depth, stages, tiles, copy_order); 0 = the default
@@ -42,7 +44,7 @@ def main(out: Path) -> None:
                 runs["hjcg_gemv"] = (lambda: gemv_chain(w16, b), w16.bytes)
             for name, launch in LAUNCHES.items():
                 runs[f"fp16_mma_{name}"] = (
-                    lambda launch=launch: gemv_chain(w16, b, lambda *a: _C.gemv_mma(*a, *launch)), w16.bytes)
+                    lambda launch=launch: gemv_chain(w16, b, lambda *a: _ops.gemv_mma(*a, *launch)), w16.bytes)
                 runs[f"fp8_{name}"] = (lambda launch=launch: fp8_chain(w8, b, launch), w8.bytes)
             logits0 = {}
             for impl, (fn, nbytes) in runs.items():

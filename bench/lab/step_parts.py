@@ -25,7 +25,9 @@ import torch
 from bench.common import environment
 from bench.lab.fp8_gemv import Fp8Weights
 from bench.lab.gemv_rows import EPS, FFN, HIDDEN, Buffers, Weights, graph_of, replay_s
-from hjcg import _C
+import hjcg.native  # noqa: F401  (registers torch.ops.hjcg)
+
+_ops = torch.ops.hjcg  # the extension's kernels (csrc/registration.cpp)
 
 HEADS, HEAD_DIM, BLOCK, POSITIONS = 32, 128, 16, 64
 VARIANTS = ("base", "no_norm", "no_silu", "plain", "rope", "rope_attn", "attn", "fused")
@@ -52,16 +54,16 @@ class Attention:
         self.counters = torch.zeros(HEADS, device=dev, dtype=torch.int32)
 
     def rope(self, qkv: torch.Tensor) -> None:
-        _C.rope_cache(qkv, self.cos, self.sin, self.positions, self.slots, HEADS, HEADS, self.q, self.k_new,
-                      self.v_new, self.k, self.v, None, 0.0, pdl=True)
+        _ops.rope_cache(qkv, self.cos, self.sin, self.positions, self.slots, HEADS, HEADS, self.q, self.k_new,
+                        self.v_new, self.k, self.v, None, 0.0, pdl=True)
 
     def rope_attend(self, qkv: torch.Tensor) -> None:
-        _C.rope_decode_attention(qkv, self.cos, self.sin, self.k, self.v, self.tables, self.lens, BLOCK,
-                                 HEAD_DIM ** -0.5, self.out, self.workspace, self.counters, pdl=True)
+        _ops.rope_decode_attention(qkv, self.cos, self.sin, self.k, self.v, self.tables, self.lens, BLOCK,
+                                   HEAD_DIM ** -0.5, self.out, self.workspace, self.counters, pdl=True)
 
     def attend(self) -> None:
-        _C.decode_attention(self.q, self.k, self.v, self.tables, self.lens, BLOCK, HEAD_DIM ** -0.5, self.out,
-                            self.workspace, self.counters, pdl=True)
+        _ops.decode_attention(self.q, self.k, self.v, self.tables, self.lens, BLOCK, HEAD_DIM ** -0.5, self.out,
+                              self.workspace, self.counters, pdl=True)
 
 
 def chain(variant: str, w16: Weights, w8: Fp8Weights, b: Buffers, att: Attention) -> None:
@@ -70,18 +72,18 @@ def chain(variant: str, w16: Weights, w8: Fp8Weights, b: Buffers, att: Attention
     b.x.copy_(b.x0)
     for layer in w8.layers:
         qkv, o, gate_up, down = (layer[name] for name in ("qkv", "o", "gate_up", "down"))
-        _C.gemv_fp8(b.x, qkv.q, qkv.scale, norm, False, None, b.qkv, *PDL)
+        _ops.gemv_fp8(b.x, qkv.q, qkv.scale, norm, False, None, b.qkv, *PDL)
         if variant in ("rope", "rope_attn"):
             att.rope(b.qkv)
         if variant in ("rope_attn", "attn"):
             att.attend()
         if variant == "fused":
             att.rope_attend(b.qkv)
-        _C.gemv_fp8(b.attn, o.q, o.scale, -1.0, False, b.x, b.x, *PDL)
-        _C.gemv_fp8(b.x, gate_up.q, gate_up.scale, norm, False, None, b.gate_up, *PDL)
+        _ops.gemv_fp8(b.attn, o.q, o.scale, -1.0, False, b.x, b.x, *PDL)
+        _ops.gemv_fp8(b.x, gate_up.q, gate_up.scale, norm, False, None, b.gate_up, *PDL)
         act = b.act if ready_act else b.gate_up
-        _C.gemv_fp8(act, down.q, down.scale, -1.0, not ready_act, b.x, b.x, *PDL)
-    _C.gemv(b.x, w16.lm_head, EPS, False, None, b.logits)
+        _ops.gemv_fp8(act, down.q, down.scale, -1.0, not ready_act, b.x, b.x, *PDL)
+    _ops.gemv(b.x, w16.lm_head, EPS, False, None, b.logits)
 
 
 def main(out: Path) -> None:
