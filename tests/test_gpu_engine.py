@@ -259,9 +259,10 @@ def test_programmatic_dependent_launch_changes_no_logit(weights):
         assert torch.equal(without, with_pdl)
 
 
-def test_batch_buckets_serve_32_streams_and_shrink():
+@pytest.mark.parametrize("weights", ["dtype", "fp8"])  # fp8: the GEMV up to 16 rows, the fp8 GEMM past them
+def test_batch_buckets_serve_32_streams_and_shrink(weights):
     loaded = random_llama("smollm2-135m", torch.float16, "cuda", seed=8)
-    engine = make_engine(loaded, "hybrid", "float16")
+    engine = make_engine(loaded, "hybrid", "float16", weights=weights)
     collectors = [Collector() for _ in range(33)]
     for i, c in enumerate(collectors):
         engine.submit(GenerationRequest([3 + i, 4, 5], 4 if i % 2 else 30, ignore_eos=True), c)
