@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RESULTS = ROOT / "bench/results/2026-11-24-h100-8fea776"
+DEFAULT_RESULTS = ROOT / "bench/results/2026-11-24-h100-5e0f732"
 START, END = "<!-- perf:start (rendered by python -m bench.render_readme; do not edit) -->", "<!-- perf:end -->"
 SYSTEMS = ["hjcg-hybrid", "hjcg-graphs", "hjcg-compiled", "hjcg-eager", "hf-static-compile", "hf-eager", "seed-paper"]
 
