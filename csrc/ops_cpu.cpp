@@ -1,5 +1,7 @@
 // CPU implementations of the extension's operations, over the torch-free references, and the argument
-// checks shared with the CUDA adapters.
+// checks shared with the CUDA adapters. The checks' messages are literal strings: on the GPU machine's build a
+// failing TORCH_CHECK with a formatted message (c10::str's std::string) crashed the process instead of raising,
+// a literal one raises (bench/results/2026-11-24-h100-5e0f732/README.md; as in csrc/gemv_mma_cuda.cu).
 #include <vector>
 
 #include "ops.h"
@@ -10,12 +12,12 @@
 namespace hjcg {
 namespace {
 
-void check_row_tensor(const torch::Tensor& t, const char* name, torch::ScalarType dtype, int64_t rows,
-                      const torch::Device& device) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, name, " must have shape [", rows, "], got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+// message: what `t` must be, e.g. "top_k must be a contiguous int32 [batch] tensor on the logits' device"
+void check_row_tensor(const torch::Tensor& t, torch::ScalarType dtype, int64_t rows, const torch::Device& device,
+                      const char* message) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows && t.scalar_type() == dtype && t.device() == device &&
+                  t.is_contiguous(),
+              message);
 }
 
 }  // namespace
@@ -24,24 +26,32 @@ void check_sample_args(const torch::Tensor& logits, const torch::Tensor& history
                        const torch::Tensor& temperature, const torch::Tensor& top_k, const torch::Tensor& top_p,
                        const torch::Tensor& min_p, const torch::Tensor& repetition_penalty,
                        const torch::Tensor& seed, const torch::Tensor& offset, const torch::Tensor& out) {
-  TORCH_CHECK(logits.dim() == 2, "logits must be [batch, vocab], got ", logits.sizes());
+  TORCH_CHECK(logits.dim() == 2, "logits must be [batch, vocab]");
   TORCH_CHECK(logits.size(1) > 0, "logits must have a non-empty vocabulary");
   TORCH_CHECK(logits.stride(1) == 1, "logits rows must be contiguous");
   const int64_t rows = logits.size(0);
   const auto device = logits.device();
-  TORCH_CHECK(history.dim() == 2 && history.size(0) == rows, "history must be [batch, capacity], got ",
-              history.sizes());
+  TORCH_CHECK(history.dim() == 2 && history.size(0) == rows, "history must be [batch, capacity]");
   TORCH_CHECK(history.scalar_type() == torch::kInt64 && history.device() == device && history.is_contiguous(),
-              "history must be a contiguous int64 tensor on ", device);
-  check_row_tensor(history_len, "history_len", torch::kInt64, rows, device);
-  check_row_tensor(temperature, "temperature", torch::kFloat32, rows, device);
-  check_row_tensor(top_k, "top_k", torch::kInt32, rows, device);
-  check_row_tensor(top_p, "top_p", torch::kFloat32, rows, device);
-  check_row_tensor(min_p, "min_p", torch::kFloat32, rows, device);
-  check_row_tensor(repetition_penalty, "repetition_penalty", torch::kFloat32, rows, device);
-  check_row_tensor(seed, "seed", torch::kInt64, rows, device);
-  check_row_tensor(offset, "offset", torch::kInt64, rows, device);
-  check_row_tensor(out, "out", torch::kInt64, rows, device);
+              "history must be a contiguous int64 tensor on the logits' device");
+  check_row_tensor(history_len, torch::kInt64, rows, device,
+                   "history_len must be a contiguous int64 [batch] tensor on the logits' device");
+  check_row_tensor(temperature, torch::kFloat32, rows, device,
+                   "temperature must be a contiguous float32 [batch] tensor on the logits' device");
+  check_row_tensor(top_k, torch::kInt32, rows, device,
+                   "top_k must be a contiguous int32 [batch] tensor on the logits' device");
+  check_row_tensor(top_p, torch::kFloat32, rows, device,
+                   "top_p must be a contiguous float32 [batch] tensor on the logits' device");
+  check_row_tensor(min_p, torch::kFloat32, rows, device,
+                   "min_p must be a contiguous float32 [batch] tensor on the logits' device");
+  check_row_tensor(repetition_penalty, torch::kFloat32, rows, device,
+                   "repetition_penalty must be a contiguous float32 [batch] tensor on the logits' device");
+  check_row_tensor(seed, torch::kInt64, rows, device,
+                   "seed must be a contiguous int64 [batch] tensor on the logits' device");
+  check_row_tensor(offset, torch::kInt64, rows, device,
+                   "offset must be a contiguous int64 [batch] tensor on the logits' device");
+  check_row_tensor(out, torch::kInt64, rows, device,
+                   "out must be a contiguous int64 [batch] tensor on the logits' device");
 }
 
 void sample(const torch::Tensor& logits, const torch::Tensor& history, const torch::Tensor& history_len,
@@ -95,7 +105,7 @@ void pad_prompt(const torch::Tensor& prompt, int64_t start_pos, int64_t pad_id, 
   TORCH_CHECK(last_index.numel() == 1 && seq_len.numel() == 1, "last_index and seq_len must hold one element");
   const int64_t length = prompt.size(0), bucket = input_ids.size(0);
   TORCH_CHECK(length >= 1, "the prompt chunk must hold at least one token");
-  TORCH_CHECK(length <= bucket, "a prompt chunk of ", length, " tokens does not fit a bucket of ", bucket);
+  TORCH_CHECK(length <= bucket, "the prompt chunk does not fit a bucket of input_ids' length");
   TORCH_CHECK(start_pos >= 0, "start_pos must be >= 0");
   if (input_ids.is_cuda()) {
 #ifdef HJCG_WITH_CUDA
@@ -112,15 +122,13 @@ void pad_prompt(const torch::Tensor& prompt, int64_t start_pos, int64_t pad_id, 
 
 void apply_token_bitmask(const torch::Tensor& logits, const torch::Tensor& bitmask) {
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat32 && logits.stride(1) == 1,
-              "logits must be a float32 [batch, vocab] tensor with contiguous rows, got ", logits.scalar_type(), " ",
-              logits.sizes());
+              "logits must be a float32 [batch, vocab] tensor with contiguous rows");
   TORCH_CHECK(bitmask.dim() == 2 && bitmask.scalar_type() == torch::kInt32 && bitmask.stride(1) == 1,
-              "bitmask must be an int32 [batch, words] tensor with contiguous rows, got ", bitmask.scalar_type(),
-              " ", bitmask.sizes());
-  TORCH_CHECK(bitmask.size(0) == logits.size(0), "bitmask has ", bitmask.size(0), " rows, logits ", logits.size(0));
-  TORCH_CHECK(bitmask.size(1) * 32 >= logits.size(1), "bitmask rows of ", bitmask.size(1),
-              " words cannot cover a vocabulary of ", logits.size(1));
-  TORCH_CHECK(bitmask.device() == logits.device(), "bitmask must be on ", logits.device(), ", got ", bitmask.device());
+              "bitmask must be an int32 [batch, words] tensor with contiguous rows");
+  TORCH_CHECK(bitmask.size(0) == logits.size(0), "bitmask and logits must have the same rows");
+  TORCH_CHECK(bitmask.size(1) * 32 >= logits.size(1), "bitmask rows of too few words cannot cover a vocabulary of "
+              "the logits' width (32 tokens per word)");
+  TORCH_CHECK(bitmask.device() == logits.device(), "bitmask must be on the logits' device");
   if (logits.is_cuda()) {
 #ifdef HJCG_WITH_CUDA
     apply_token_bitmask_cuda(logits, bitmask);

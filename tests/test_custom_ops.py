@@ -103,7 +103,7 @@ def test_sample_writes_the_tensors_its_schema_declares():
 def test_the_ops_refuse_bad_arguments_with_a_message():
     args = list(sample_args("cpu"))
     args[4] = args[4].long()  # top_k must be int32
-    with pytest.raises(RuntimeError, match="top_k must be Int"):
+    with pytest.raises(RuntimeError, match="top_k must be a contiguous int32"):
         torch.ops.hjcg.sample(*args)
     with pytest.raises(RuntimeError, match="does not fit a bucket"):
         torch.ops.hjcg.pad_prompt(torch.arange(9), 0, 0, *pad_args("cpu")[3:])
