@@ -9,34 +9,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
-from bench.callers import ClientPool, compact, random_ids, stream_figures
+from bench.callers import ClientPool, stream_figures
 from bench.common import environment
+from bench.many_callers import Plan, concurrency
 from bench.server_proc import ServerProcess
 
 PROMPT_TOKENS = 10
 
 
 def measure(callers: int, tokens: int, rounds: int, model: str = "smollm2", seed: int = 0) -> dict:
-    """{"1": figures, str(callers): figures, "ratio": tokens/s of N over 1}, each level its best round."""
-    rng = random.Random(seed)
-    best: dict[int, dict] = {}
+    """{"1": figures, str(callers): figures, "ratio": tokens/s of N over 1}, each level its best round: the GPU
+    suite's concurrency section (bench.many_callers.concurrency) at levels 1 and N against a CPU server."""
+    plan = Plan(model=model, device="cpu", levels=(1, callers), prompt_tokens=PROMPT_TOKENS, new_tokens=tokens,
+                warm_tokens=4, rounds=rounds, seed=seed)
     with ServerProcess(model, "cpu", warm=False) as server:
-        vocab = _vocab(server.target)
-        with ClientPool(server.target, callers, levels=(1, callers)) as pool:
-            pool.together([random_ids(rng, PROMPT_TOKENS, vocab) for _ in range(callers)], 4)  # warm-up
-            for r in range(rounds):
-                for n in (1, callers):
-                    records = pool.together([random_ids(rng, PROMPT_TOKENS, vocab) for _ in range(n)], tokens)
-                    f = stream_figures(compact(records, min(x["send"] for x in records)))
-                    if f["errors"]:
-                        raise RuntimeError(f"{n} callers: errors {f['errors']}")
-                    print(f"round {r + 1}: {n} caller(s) {f['tokens_per_s']:.1f} tokens/s, inter-token median "
-                          f"{f['itl_median_ms']:.1f} ms", flush=True)
-                    if f["tokens_per_s"] > best.get(n, {}).get("tokens_per_s", 0.0):
-                        best[n] = f
+        plan.vocab = _vocab(server.target)
+        with ClientPool(server.target, callers, levels=plan.levels) as pool:
+            levels = concurrency(plan, pool)["levels"]
+    best = {}
+    for n in plan.levels:
+        figures = [stream_figures(r) for r in levels[str(n)]["rounds"]]
+        for f in figures:
+            print(f"{n} caller(s): {f['tokens_per_s']:.1f} tokens/s, inter-token median {f['itl_median_ms']:.1f} ms",
+                  flush=True)
+            if f["errors"]:
+                raise RuntimeError(f"{n} callers: errors {f['errors']}")
+        best[n] = max(figures, key=lambda f: f["tokens_per_s"])
     return {"1": best[1], str(callers): best[callers], "ratio": best[callers]["tokens_per_s"] / best[1]["tokens_per_s"]}
 
 
