@@ -34,24 +34,20 @@ void check_sample_args(const torch::Tensor& logits, const torch::Tensor& history
   TORCH_CHECK(history.dim() == 2 && history.size(0) == rows, "history must be [batch, capacity]");
   TORCH_CHECK(history.scalar_type() == torch::kInt64 && history.device() == device && history.is_contiguous(),
               "history must be a contiguous int64 tensor on the logits' device");
-  check_row_tensor(history_len, torch::kInt64, rows, device,
-                   "history_len must be a contiguous int64 [batch] tensor on the logits' device");
-  check_row_tensor(temperature, torch::kFloat32, rows, device,
-                   "temperature must be a contiguous float32 [batch] tensor on the logits' device");
-  check_row_tensor(top_k, torch::kInt32, rows, device,
-                   "top_k must be a contiguous int32 [batch] tensor on the logits' device");
-  check_row_tensor(top_p, torch::kFloat32, rows, device,
-                   "top_p must be a contiguous float32 [batch] tensor on the logits' device");
-  check_row_tensor(min_p, torch::kFloat32, rows, device,
-                   "min_p must be a contiguous float32 [batch] tensor on the logits' device");
-  check_row_tensor(repetition_penalty, torch::kFloat32, rows, device,
-                   "repetition_penalty must be a contiguous float32 [batch] tensor on the logits' device");
-  check_row_tensor(seed, torch::kInt64, rows, device,
-                   "seed must be a contiguous int64 [batch] tensor on the logits' device");
-  check_row_tensor(offset, torch::kInt64, rows, device,
-                   "offset must be a contiguous int64 [batch] tensor on the logits' device");
-  check_row_tensor(out, torch::kInt64, rows, device,
-                   "out must be a contiguous int64 [batch] tensor on the logits' device");
+  // each message a literal made from the argument's name (see the top of the file)
+#define HJCG_CHECK_ROW(t, dtype, dtype_name) \
+  check_row_tensor(t, dtype, rows, device,   \
+                   #t " must be a contiguous " dtype_name " [batch] tensor on the logits' device")
+  HJCG_CHECK_ROW(history_len, torch::kInt64, "int64");
+  HJCG_CHECK_ROW(temperature, torch::kFloat32, "float32");
+  HJCG_CHECK_ROW(top_k, torch::kInt32, "int32");
+  HJCG_CHECK_ROW(top_p, torch::kFloat32, "float32");
+  HJCG_CHECK_ROW(min_p, torch::kFloat32, "float32");
+  HJCG_CHECK_ROW(repetition_penalty, torch::kFloat32, "float32");
+  HJCG_CHECK_ROW(seed, torch::kInt64, "int64");
+  HJCG_CHECK_ROW(offset, torch::kInt64, "int64");
+  HJCG_CHECK_ROW(out, torch::kInt64, "int64");
+#undef HJCG_CHECK_ROW
 }
 
 void sample(const torch::Tensor& logits, const torch::Tensor& history, const torch::Tensor& history_len,
