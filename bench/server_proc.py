@@ -69,8 +69,11 @@ class ServerProcess:
         paths = [str(ROOT), str(ROOT / "server"), str(ROOT / "client")]
         env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH")] if p])
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "hjcg_server.cli", *self.args], stdout=log,
-                                         stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+
+    def argv(self) -> list[str]:
+        """The server's command line (a lab's server subclasses this)."""
+        return [sys.executable, "-m", "hjcg_server.cli", *self.args]
 
     def launch(self) -> "ServerProcess":
         """Starts the process and returns at once (wait() waits for it to serve)."""

@@ -31,36 +31,42 @@ from hjcg.engine import Finish, RequestError
 log = logging.getLogger("hjcg.lab.engine_process")
 
 
-def _engine_main(config: EngineConfig, warm: bool, conn) -> None:
-    """The engine process: receives ("submit", id, request) and ("cancel", id); sends each step's events as one
-    list of (id, event), an event being a TokenOutput, a Finish or an exception, with the time it was sent."""
+def _engine_main(config: EngineConfig, warm: bool, conns) -> None:
+    """The engine process, serving one or more fronts (a pipe each; bench.lab.multi_front runs several): receives
+    ("submit", id, request) and ("cancel", id); sends each front, after every step, the step's events of its own
+    requests as one list of (id, event), an event being a TokenOutput, a Finish or an exception, with the time it
+    was sent."""
     from hjcg.engine import Engine, freeze_heap
 
+    conns = conns if isinstance(conns, list) else [conns]
     engine = Engine(config)
     if warm:
         engine.warm([])
     freeze_heap()
-    streams: dict[int, object] = {}
-    out: list = []              # this step's (id, event), appended by the engine's sinks (this thread)
-    refused: deque = deque()    # (id, exception) from the receiving thread
-    conn.send(("ready", {"name": engine.model_name, "vocab_size": engine.vocab_size}))
+    streams: dict[tuple[int, int], object] = {}
+    out: list = []              # this step's ((front, id), event), appended by the engine's sinks (this thread)
+    refused: deque = deque()    # ((front, id), exception) from the receiving threads
+    for conn in conns:
+        conn.send(("ready", {"name": engine.model_name, "vocab_size": engine.vocab_size}))
 
-    def receive() -> None:
+    def receive(front: int, conn) -> None:
         while True:
             try:
                 kind, jid, *rest = conn.recv()
             except EOFError:
                 os._exit(0)
+            key = (front, jid)
             if kind == "submit":
                 try:
-                    streams[jid] = engine.submit(rest[0], lambda event, jid=jid: out.append((jid, event)))
+                    streams[key] = engine.submit(rest[0], lambda event, key=key: out.append((key, event)))
                 except Exception as e:  # RequestError, QueueFull: to the front as the job's only event
-                    refused.append((jid, e))
+                    refused.append((key, e))
                     engine.wake()
-            elif kind == "cancel" and jid in streams:
-                streams[jid].cancel()
+            elif kind == "cancel" and key in streams:
+                streams[key].cancel()
 
-    threading.Thread(target=receive, daemon=True, name="engine-receive").start()
+    for front, conn in enumerate(conns):
+        threading.Thread(target=receive, args=(front, conn), daemon=True, name=f"engine-receive-{front}").start()
     while True:
         if engine.has_work():
             engine.step()
@@ -71,10 +77,14 @@ def _engine_main(config: EngineConfig, warm: bool, conn) -> None:
         if out:
             batch = out[:]
             out.clear()
-            conn.send((time.perf_counter(), batch))
-            for jid, event in batch:
+            sent = time.perf_counter()
+            per_front: dict[int, list] = {}
+            for (front, jid), event in batch:
+                per_front.setdefault(front, []).append((jid, event))
                 if isinstance(event, (Finish, Exception)):
-                    streams.pop(jid, None)
+                    streams.pop((front, jid), None)
+            for front, events in per_front.items():
+                conns[front].send((sent, events))
 
 
 @dataclass
@@ -123,15 +133,20 @@ class ProcessWorker:
     # set to a list, it gets (time sent, request id, index) of every token as the engine process sent it (a tracer's)
     sent_log: list | None = None
 
-    def __init__(self, config: EngineConfig, warm: bool, queue_size: int, on_job_done=None, loop=None):
-        """loop: an asyncio loop that reads the engine's messages itself (no dispatcher thread)."""
-        context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe()
-        self._process = context.Process(target=_engine_main, args=(config, warm, child), daemon=True,
-                                        name="hjcg-engine")
-        self._process.start()
-        kind, self.info = self._conn.recv()
-        assert kind == "ready", kind
+    def __init__(self, config: EngineConfig, warm: bool, queue_size: int, on_job_done=None, loop=None, conn=None,
+                 info: dict | None = None):
+        """loop: an asyncio loop that reads the engine's messages itself (no dispatcher thread). conn, info: the pipe
+        to an engine process already started (and its "ready" message's info) instead of spawning one."""
+        self._process = None
+        if conn is None:
+            context = multiprocessing.get_context("spawn")
+            conn, child = context.Pipe()
+            self._process = context.Process(target=_engine_main, args=(config, warm, child), daemon=True,
+                                            name="hjcg-engine")
+            self._process.start()
+            kind, info = conn.recv()
+            assert kind == "ready", kind
+        self._conn, self.info = conn, info
         self.queue_size = queue_size
         self._on_job_done = on_job_done
         self._jobs: dict[int, object] = {}
@@ -200,8 +215,9 @@ class ProcessWorker:
         return not self._jobs
 
     def stop(self) -> None:
-        self._process.terminate()
-        self._process.join(timeout=10)
+        if self._process is not None:
+            self._process.terminate()
+            self._process.join(timeout=10)
 
 
 def install() -> None:
