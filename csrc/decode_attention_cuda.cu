@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "checks.h"
 #include "cuda_utils.cuh"
 #include "ops.h"
 #include "pdl.cuh"
@@ -292,7 +293,7 @@ void dispatch_head_dim(int64_t d, const torch::Tensor& q, const torch::Tensor& k
     case 64: return launch<T, 64, kRope>(q, k, v, out, args, rope, grid, pdl);
     case 128: return launch<T, 128, kRope>(q, k, v, out, args, rope, grid, pdl);
     case 256: return launch<T, 256, kRope>(q, k, v, out, args, rope, grid, pdl);
-    default: TORCH_CHECK(false, "decode_attention supports head dims 64, 128 and 256, got ", d);
+    default: HJCG_CHECK_FMT(false, "decode_attention supports head dims 64, 128 and 256, got %lld", static_cast<long long>(d));
   }
 }
 
@@ -338,7 +339,7 @@ void attend(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Te
       return dispatch_head_dim<at::BFloat16, kRope>(q.size(2), q, k_pool, v_pool, out, args, rope, grid, pdl);
     case torch::kFloat32:
       return dispatch_head_dim<float, kRope>(q.size(2), q, k_pool, v_pool, out, args, rope, grid, pdl);
-    default: TORCH_CHECK(false, "decode_attention: unsupported dtype ", q.scalar_type());
+    default: HJCG_CHECK_FMT(false, "decode_attention: unsupported dtype %s", c10::toString(q.scalar_type()));
   }
 }
 

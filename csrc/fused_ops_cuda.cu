@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "checks.h"
 #include "cuda_utils.cuh"
 #include "ops.h"
 #include "pdl.cuh"
@@ -194,7 +195,7 @@ void dispatch_float_types(torch::ScalarType t, F&& f) {
     case torch::kFloat16: return f(__half{});
     case torch::kBFloat16: return f(__nv_bfloat16{});
     case torch::kFloat32: return f(float{});
-    default: TORCH_CHECK(false, "unsupported dtype ", t);
+    default: HJCG_CHECK_FMT(false, "unsupported dtype %s", c10::toString(t));
   }
 }
 
@@ -204,16 +205,18 @@ T* ptr(const torch::Tensor& t) {
 }
 
 void check_cuda_contiguous(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
+  HJCG_CHECK_FMT(t.is_cuda() && t.is_contiguous(), "%s must be a contiguous CUDA tensor", name);
 }
 
 // The deferred norm's input: [S, H] of the output's dtype, H a multiple of a 16-byte vector.
 void check_norm_input(const c10::optional<torch::Tensor>& norm_x, int64_t rows, torch::ScalarType dtype) {
   if (!norm_x) return;
   check_cuda_contiguous(*norm_x, "norm_x");
-  TORCH_CHECK(norm_x->dim() == 2 && norm_x->size(0) == rows && norm_x->scalar_type() == dtype &&
-                  norm_x->size(1) % (16 / norm_x->element_size()) == 0,
-              "norm_x must be [S, H] of the same dtype, H a multiple of ", 16 / norm_x->element_size());
+  const auto vec = static_cast<long long>(16 / norm_x->element_size());
+  HJCG_CHECK_FMT(norm_x->dim() == 2 && norm_x->size(0) == rows && norm_x->scalar_type() == dtype &&
+                     norm_x->size(1) % vec == 0,
+                 "norm_x must be [S, H] = [%lld, H] of the output's dtype, H a multiple of %lld; got %s",
+                 static_cast<long long>(rows), vec, hjcg::tensor_text(*norm_x).c_str());
 }
 
 }  // namespace
@@ -226,8 +229,10 @@ void rms_norm_cuda(const torch::Tensor& x, const torch::Tensor& weight, double e
   TORCH_CHECK(x.scalar_type() == weight.scalar_type() && x.scalar_type() == out.scalar_type(), "rms_norm: one dtype");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t vec = 16 / x.element_size(), hidden = x.size(1);
-  TORCH_CHECK(hidden % vec == 0 && hidden <= 1024 * kNormMaxVecs * vec, "rms_norm: hidden size must be a multiple of ",
-              vec, " and at most ", 1024 * kNormMaxVecs * vec);
+  HJCG_CHECK_FMT(hidden % vec == 0 && hidden <= 1024 * kNormMaxVecs * vec,
+                 "rms_norm: the hidden size must be a multiple of %lld and at most %lld, got %lld",
+                 static_cast<long long>(vec), static_cast<long long>(1024 * kNormMaxVecs * vec),
+                 static_cast<long long>(hidden));
   const int64_t vectors = hidden / vec;
   // enough threads that each holds at most kNormMaxVecs vectors, in whole warps
   const int threads = static_cast<int>(std::min<int64_t>(1024, ((vectors + kNormMaxVecs - 1) / kNormMaxVecs + 31) / 32 * 32));

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "checks.h"
 #include "cuda_utils.cuh"
 #include "gemv_common.cuh"
 #include "ops.h"
@@ -227,7 +228,8 @@ template <typename T, bool kSiluMul, int NB, int kRows, bool kNorm>
 void launch_gemv(const GemvArgs& a, cudaStream_t stream) {
   constexpr int64_t rows_per_block = kWarpsPerBlock * kRows;
   const int64_t blocks = (a.n_dim + rows_per_block - 1) / rows_per_block;
-  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "gemv: weight has too many rows (", a.n_dim, ")");
+  HJCG_CHECK_FMT(blocks <= std::numeric_limits<int>::max(), "gemv: weight has too many rows (%lld)",
+                 static_cast<long long>(a.n_dim));
   const auto run = [&](auto kernel) {
     kernel<<<static_cast<int>(blocks), kWarpsPerBlock * 32, 0, stream>>>(
         static_cast<const T*>(a.x), static_cast<const T*>(a.weight), a.k_dim, a.n_dim, a.rms_eps,
@@ -260,7 +262,9 @@ void dispatch(const GemvArgs& a, int64_t rows, bool silu_mul, cudaStream_t strea
     case 6: return launch_rows<T, 6>(a, stream);
     case 7: return launch_rows<T, 7>(a, stream);
     case 8: return launch_rows<T, 8>(a, stream);
-    default: TORCH_CHECK(false, "gemv: x must have 1 to ", kMaxInputRows, " rows, got ", rows);
+    default:
+      HJCG_CHECK_FMT(false, "gemv: x must have 1 to %d rows, got %lld", static_cast<int>(kMaxInputRows),
+                     static_cast<long long>(rows));
   }
 }
 
@@ -274,24 +278,26 @@ bool gemv_supported(const torch::Tensor& x, const torch::Tensor& weight) {
 
 void gemv_cuda(const torch::Tensor& x, const torch::Tensor& weight, double rms_eps, bool silu_mul,
                const c10::optional<torch::Tensor>& residual, const torch::Tensor& out) {
-  TORCH_CHECK(gemv_supported(x, weight), "gemv: x must be a contiguous fp16/bf16 [B, K] (or [B, 2K] with silu_mul) "
-              "with 1 <= B <= ", kMaxInputRows, " and weight a contiguous [N, K] of the same dtype and device, "
-              "K % 8 == 0, both 16-byte aligned; got x ", x.sizes(), " ", x.scalar_type(), " on ", x.device(),
-              ", weight ", weight.sizes(), " ", weight.scalar_type(), " on ", weight.device());
+  HJCG_CHECK_FMT(gemv_supported(x, weight),
+                 "gemv: x must be a contiguous fp16/bf16 [B, K] (or [B, 2K] with silu_mul) with 1 <= B <= %d and "
+                 "weight a contiguous [N, K] of the same dtype and device, K %% 8 == 0, both 16-byte aligned; got x %s, "
+                 "weight %s", static_cast<int>(kMaxInputRows), hjcg::tensor_text(x).c_str(),
+                 hjcg::tensor_text(weight).c_str());
   const int64_t rows = x.size(0), k_dim = weight.size(1), n_dim = weight.size(0);
-  TORCH_CHECK(x.size(1) == (silu_mul ? 2 * k_dim : k_dim), "gemv: x must be [B, ", silu_mul ? 2 * k_dim : k_dim,
-              "] (", silu_mul ? "[gate, up] with silu_mul" : "K, as weight's columns", "), got ", x.sizes());
+  HJCG_CHECK_FMT(x.size(1) == (silu_mul ? 2 * k_dim : k_dim), "gemv: x must be [B, %lld] (%s), got %s",
+                 static_cast<long long>(silu_mul ? 2 * k_dim : k_dim),
+                 silu_mul ? "[gate, up] with silu_mul" : "K, as weight's columns", hjcg::tensor_text(x).c_str());
   TORCH_CHECK(!(silu_mul && rms_eps >= 0), "gemv: the norm and silu_mul do not combine");
-  TORCH_CHECK(out.device() == x.device() && out.scalar_type() == x.scalar_type() && out.is_contiguous() &&
-                  out.numel() == rows * n_dim,
-              "gemv: out must be a contiguous [B, N] = [", rows, ", ", n_dim, "] of x's dtype on x's device, got ",
-              out.sizes(), " ", out.scalar_type(), " on ", out.device());
+  HJCG_CHECK_FMT(out.device() == x.device() && out.scalar_type() == x.scalar_type() && out.is_contiguous() &&
+                     out.numel() == rows * n_dim,
+                 "gemv: out must be a contiguous [B, N] = [%lld, %lld] of x's dtype on x's device, got %s",
+                 static_cast<long long>(rows), static_cast<long long>(n_dim), hjcg::tensor_text(out).c_str());
   TORCH_CHECK(!gemv::overlaps(out, x) && !gemv::overlaps(out, weight), "gemv: out must not overlap x or weight");
   if (residual) {
-    TORCH_CHECK(residual->device() == x.device() && residual->scalar_type() == x.scalar_type() &&
-                    residual->is_contiguous() && residual->numel() == rows * n_dim,
-                "gemv: residual must be a contiguous [B, N] = [", rows, ", ", n_dim, "] of x's dtype on x's device, "
-                "got ", residual->sizes(), " ", residual->scalar_type(), " on ", residual->device());
+    HJCG_CHECK_FMT(residual->device() == x.device() && residual->scalar_type() == x.scalar_type() &&
+                       residual->is_contiguous() && residual->numel() == rows * n_dim,
+                   "gemv: residual must be a contiguous [B, N] = [%lld, %lld] of x's dtype on x's device, got %s",
+                   static_cast<long long>(rows), static_cast<long long>(n_dim), hjcg::tensor_text(*residual).c_str());
     TORCH_CHECK(residual->data_ptr() == out.data_ptr() || !gemv::overlaps(*residual, out),
                 "gemv: residual must be out itself (in place) or not overlap it");
   }

@@ -775,9 +775,8 @@ bool half_or_bf16(const torch::Tensor& t) {
 }
 
 // The checks and the launch that both weight formats share: x [B, K] (or [B, 2K] with silu_mul), weight [N, K] (e4m3,
-// or x's dtype), w_scale [N] or nullptr. Literal messages only: in this build a failing TORCH_CHECK whose
-// message is formatted in a .cu file (c10::str building a std::string here) crashed the process instead of raising
-// (measured on the H100 with gemv's own check, 2026-11-23); a literal message is passed to libtorch as it is.
+// or x's dtype), w_scale [N] or nullptr. Messages are literal, or formatted by HJCG_CHECK_FMT (csrc/checks.h says
+// why not by TORCH_CHECK).
 template <typename W>
 void run_gemv_mma(const torch::Tensor& x, const torch::Tensor& weight, const float* w_scale, double rms_eps,
                   bool silu_mul, const c10::optional<torch::Tensor>& residual, const torch::Tensor& out, int64_t split,

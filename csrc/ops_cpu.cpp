@@ -1,7 +1,6 @@
 // CPU implementations of the extension's operations, over the torch-free references, and the argument
-// checks shared with the CUDA adapters. The checks' messages are literal strings: on the GPU machine's build a
-// failing TORCH_CHECK with a formatted message (c10::str's std::string) crashed the process instead of raising,
-// a literal one raises (bench/results/2026-11-24-h100-5e0f732/README.md; as in csrc/gemv_mma_cuda.cu).
+// checks shared with the CUDA adapters. The checks' messages are literal strings, or formatted by HJCG_CHECK_FMT
+// (csrc/checks.h says why not by TORCH_CHECK).
 #include <vector>
 
 #include "ops.h"

@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cub/block/block_scan.cuh>
 
+#include "checks.h"
 #include "cuda_utils.cuh"
 #include "ops.h"
 #include "philox.h"
@@ -202,7 +203,7 @@ void sample_cuda(const torch::Tensor& logits, const torch::Tensor& history, cons
           workspace.data_ptr<float>(), a);
       break;
     default:
-      TORCH_CHECK(false, "logits must be float32, float16 or bfloat16, got ", logits.scalar_type());
+      HJCG_CHECK_FMT(false, "logits must be float32, float16 or bfloat16, got %s", c10::toString(logits.scalar_type()));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

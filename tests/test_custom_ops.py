@@ -217,3 +217,56 @@ def test_cuda_only_op_writes_only_what_its_schema_declares(name):
     changed = {a.name for a, v in zip(schema.arguments, args)
                if isinstance(v, torch.Tensor) and not torch.equal(raw(v), before[a.name])}
     assert changed <= WRITES[name] and changed  # it wrote something, and only what it declares
+
+
+def spoiled(name: str, **changes) -> tuple:
+    """cuda_op_args(name) with the arguments named in `changes` replaced (each change: the old value -> the new)."""
+    schema = getattr(torch.ops.hjcg, name).default._schema
+    names = [a.name for a in schema.arguments]
+    args = list(cuda_op_args(name))
+    for arg, change in changes.items():
+        args[names.index(arg)] = change(args[names.index(arg)])
+    return tuple(args)
+
+
+def head_dim_96(t: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(*t.shape[:-1], 96 + (2 if t.dtype == torch.float32 else 0), device=t.device, dtype=t.dtype)
+
+
+# Checks whose message carries the values they refuse (csrc/checks.h). With their messages formatted by c10::str,
+# such checks crashed the process on the GPU machine's build instead of raising.
+REFUSED = [
+    ("decode_attention", dict(q=head_dim_96, k_pool=head_dim_96, v_pool=head_dim_96, out=head_dim_96,
+                              workspace=head_dim_96), "head dims 64, 128 and 256, got 96"),
+    ("decode_attention", dict(q=torch.Tensor.double, k_pool=torch.Tensor.double, v_pool=torch.Tensor.double,
+                              out=torch.Tensor.double), "unsupported dtype Double"),
+    ("rms_norm", dict(x=lambda x: x[:, :12].contiguous(), weight=lambda w: w[:12].contiguous(),
+                      out=lambda o: o[:, :12].contiguous()), "multiple of 8 and at most 32768, got 12"),
+    ("rms_norm", dict(x=torch.Tensor.double, weight=torch.Tensor.double, out=torch.Tensor.double),
+     "unsupported dtype Double"),
+    ("rms_norm", dict(x=lambda x: x[:, ::2]), "x must be a contiguous CUDA tensor"),
+    ("silu_mul", dict(norm_x=lambda _: torch.zeros(2, 12, device="cuda", dtype=torch.float16)),
+     r"norm_x must be \[S, H\] = \[2, H\] .* multiple of 8; got \[2, 12\] Half on cuda:0"),
+    ("gemv", dict(x=lambda x: torch.zeros(9, x.size(1), device="cuda", dtype=x.dtype)),
+     r"1 <= B <= 8 .*; got x \[9, 256\] Half on cuda:\d, weight \[128, 256\] Half"),
+    ("gemv", dict(rms_eps=lambda _: -1.0, silu_mul=lambda _: True),
+     r"x must be \[B, 512\] \(\[gate, up\] with silu_mul\), got \[2, 256\] Half"),
+    ("gemv", dict(out=lambda o: o[:, :16].contiguous()), r"out must be a contiguous \[B, N\] = \[2, 128\] .*got \[2, 16\]"),
+    ("gemv", dict(residual=lambda r: r[:, :16].contiguous()),
+     r"residual must be a contiguous \[B, N\] = \[2, 128\] .*got \[2, 16\] Half"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,changes,message", REFUSED, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(REFUSED)])
+def test_cuda_op_refuses_bad_values_saying_what_they_are(name, changes, message):
+    with pytest.raises(RuntimeError, match=message):
+        getattr(torch.ops.hjcg, name)(*spoiled(name, **changes))
+
+
+@pytest.mark.gpu
+def test_cuda_sample_refuses_float64_logits_saying_so():
+    args = list(sample_args("cuda"))
+    args[0] = args[0].double()
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16, got Double"):
+        torch.ops.hjcg.sample(*args)
