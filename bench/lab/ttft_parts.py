@@ -6,7 +6,8 @@ after the prefill graph's replay and when first_tokens() is entered; host stamps
   post_gpu : after the graph to first_tokens' entry on the GPU (sampler load/sample, fills)
   tail     : host time from the GPU reaching first_tokens' entry to the token on the host (copy, sync, Python)
 
-    python -m bench.lab.ttft_parts OUT.json
+    python -m bench.lab.ttft_parts OUT.json [FORMAT...]   (default: fp16 fp8; a format given n times: n fresh engines;
+                                                         fp16x6: one engine measured in 6 blocks of 200 calls)
 """
 import json
 import statistics
@@ -22,8 +23,12 @@ from hjcg.engine import TokenOutput
 loaded = model_source.load("random:llama2-7b", torch.float16, random_device="cuda")
 ids = list(range(100, 110))
 out = {}
-for label, weights in (("fp16", "dtype"), ("fp8", "fp8")):
-    system = HjcgSystem(loaded, "hybrid", weights=weights)
+FORMATS = {"fp16": "dtype", "fp8": "fp8"}
+for i_engine, arg in enumerate(sys.argv[2:] or ["fp16", "fp8"]):
+    fmt, _, blocks = arg.partition("x")
+    blocks = int(blocks or 1)
+    label = fmt if fmt not in out else f"{fmt}#{i_engine}"
+    system = HjcgSystem(loaded, "hybrid", weights=FORMATS[fmt])
     engine = system.engine
     runner = engine.runner
     marks = {}
@@ -62,7 +67,7 @@ for label, weights in (("fp16", "dtype"), ("fp8", "fp8")):
     inner = runner.graphs
     runner.graphs = Graphs(inner)
     rows = []
-    for i in range(260):
+    for i in range(60 + 200 * blocks):
         runner.first_tokens = timed_first
         torch.cuda.synchronize()
         marks.clear()
@@ -84,9 +89,15 @@ for label, weights in (("fp16", "dtype"), ("fp8", "fp8")):
                      "host_launch": (marks["graph_start"][1] - t0) * 1e3,
                      "host_first_tokens": (marks["first_tokens"][1] - t0) * 1e3,
                      "tail": (t_end - t0) * 1e3 - g("start", "first_tokens")})
-    med = {k: round(statistics.median(r[k] for r in rows), 4) for k in rows[0]}
-    out[label] = med
-    print(label, med, flush=True)
+    for b in range(blocks):
+        block = rows[200 * b:200 * (b + 1)]
+        med = {k: round(statistics.median(r[k] for r in block), 4) for k in block[0]}
+        for k in ("ttft", "graph", "tail"):  # the spread within one engine, beside the medians between engines
+            deciles = statistics.quantiles([r[k] for r in block], n=10)
+            med[f"{k}_p10"], med[f"{k}_p90"] = round(deciles[0], 4), round(deciles[-1], 4)
+        name = label if blocks == 1 else f"{label}/{b}"
+        out[name] = med
+        print(name, med, flush=True)
     runner.graphs = inner
     del runner.first_tokens
     system.close()
