@@ -126,6 +126,11 @@ class ClientPool:
             self.close()
             raise RuntimeError(f"{len(ready)} of {size} client processes connected to {target}")
 
+    @property
+    def pids(self) -> list[int]:
+        """The client processes' ids (a lab's CPU accounting groups their threads by them)."""
+        return [p.pid for p in self._procs]
+
     def _collect(self, count: int, timeout: float, expect: str = "done") -> list:
         """`count` answers from the workers; a worker's traceback is raised here."""
         out, deadline = [], time.monotonic() + timeout

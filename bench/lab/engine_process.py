@@ -31,14 +31,13 @@ from hjcg.engine import Finish, RequestError
 log = logging.getLogger("hjcg.lab.engine_process")
 
 
-def _engine_main(config: EngineConfig, warm: bool, conns) -> None:
+def _engine_main(config: EngineConfig, warm: bool, conns: list) -> None:
     """The engine process, serving one or more fronts (a pipe each; bench.lab.multi_front runs several): receives
     ("submit", id, request) and ("cancel", id); sends each front, after every step, the step's events of its own
     requests as one list of (id, event), an event being a TokenOutput, a Finish or an exception, with the time it
     was sent."""
     from hjcg.engine import Engine, freeze_heap
 
-    conns = conns if isinstance(conns, list) else [conns]
     engine = Engine(config)
     if warm:
         engine.warm([])
@@ -141,7 +140,7 @@ class ProcessWorker:
         if conn is None:
             context = multiprocessing.get_context("spawn")
             conn, child = context.Pipe()
-            self._process = context.Process(target=_engine_main, args=(config, warm, child), daemon=True,
+            self._process = context.Process(target=_engine_main, args=(config, warm, [child]), daemon=True,
                                             name="hjcg-engine")
             self._process.start()
             kind, info = conn.recv()

@@ -73,7 +73,7 @@ def serve(fronts: int, argv: list[str]) -> None:
     assert all(kind == "ready" for kind, _ in infos), infos
     all_bound = ctx.Barrier(fronts)
     for i, (conn, _) in enumerate(pipes):
-        front = ctx.Process(target=_front_main, args=(replace(options), conn, infos[i][1], all_bound), daemon=True,
+        front = ctx.Process(target=_front_main, args=(options, conn, infos[i][1], all_bound), daemon=True,
                             name=f"hjcg-front-{i}")
         front.start()
         children.append(front)
@@ -124,15 +124,15 @@ def main(out: Path, variants: list[str], cpu: bool = False) -> None:
         entry: dict = {}
         try:
             server.start()
-            grpc = grpc_overhead_grpc(plan, server.target, _log)
-            entry["ttft10_grpc"] = summary(grpc["ttft10"])
+            one_caller = grpc_overhead_grpc(plan, server.target, _log)
+            entry["ttft10_grpc"] = summary(one_caller["ttft10"])
             with ClientPool(server.target, max(plan.levels), levels=plan.levels) as pool:
                 pool.together([random_ids(random.Random(i), plan.prompt_tokens, plan.vocab)
                                for i in range(pool.size)], plan.warm_tokens)
                 levels, entry["cpu"] = {}, {}
                 for n in plan.levels:  # one level at a time, the machine's threads' CPU waits around each
                     groups = {"server": run_delay.descendants(server.proc.pid),
-                              "clients": {p.pid for p in pool._procs}, "lab": {os.getpid()}}
+                              "clients": set(pool.pids), "lab": {os.getpid()}}
                     before, busy0, t0 = run_delay.snapshot(), run_delay.machine_busy(), time.perf_counter()
                     levels.update(concurrency(replace(plan, levels=(n,)), pool, _log)["levels"])
                     seconds, busy1 = time.perf_counter() - t0, run_delay.machine_busy()
