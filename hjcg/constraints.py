@@ -199,36 +199,39 @@ def _llg_tokenizer(tokenizer, vocab_size: int, eos: list[int]) -> tuple[int, llg
     backend.no_padding()
     backend.no_truncation()
     text = backend.to_str()
-    if isinstance(backend.decoder, tokenizers.decoders.Sequence):  # only a chain needs the JSON parsed (~25 ms)
-        text = _byte_level_decoder_alone(text)
     size = backend.get_vocab_size(with_added_tokens=True)
+    chain = isinstance(backend.decoder, tokenizers.decoders.Sequence)
+    # the JSON is parsed (~25 ms) only for an edit: a decoder chain to look at, a vocabulary to cut; and once for both
+    spec = json.loads(text) if chain or vocab_size < size else None
+    if chain and _byte_level_decoder_alone(spec):
+        text = None  # edited: written out again below if the cut does not take its place
     if vocab_size < size:
         try:
-            return vocab_size, llguidance.LLTokenizer(_cut_tokenizer_json(text, vocab_size), n_vocab=vocab_size,
+            return vocab_size, llguidance.LLTokenizer(_cut_tokenizer_json(spec, vocab_size), n_vocab=vocab_size,
                                                       eos_token=eos)
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("cannot cut the tokenizer to the model's %d tokens (%s); masks clear the rest", vocab_size, exc)
     n_vocab = max(size, vocab_size)
-    return n_vocab, llguidance.LLTokenizer(text, n_vocab=n_vocab, eos_token=eos)
+    return n_vocab, llguidance.LLTokenizer(json.dumps(spec) if text is None else text, n_vocab=n_vocab, eos_token=eos)
 
 
-def _byte_level_decoder_alone(text: str) -> str:
-    """The tokenizer's JSON with a decoder chain that ends in ByteLevel cut to that ByteLevel step.
+def _byte_level_decoder_alone(spec: dict) -> bool:
+    """Cuts a decoder chain that ends in ByteLevel to that ByteLevel step, in the tokenizer's parsed JSON `spec`;
+    returns whether it did.
 
     transformers 5.17 converts GGUF's byte-level BPE tokenizers with ByteFallback, Fuse and Replace('▁')
     ahead of ByteLevel. They change no token of a byte-level vocabulary (its characters never include '▁',
     and no token spells '<0xNN>'), so the text decodes as before; but llguidance, seeing ByteFallback, reads
     the tokens as text instead of bytes: 'Ā' (byte 0x00) became an allowed character inside JSON strings."""
-    spec = json.loads(text)
     decoder = spec.get("decoder") or {}
     steps = decoder.get("decoders") if decoder.get("type") == "Sequence" else None
     if not steps or steps[-1].get("type") != "ByteLevel" or not all(map(_spares_byte_level_tokens, steps[:-1])):
-        return text
+        return False
     vocab = spec.get("model", {}).get("vocab")
     if not isinstance(vocab, dict) or any(_BYTE_PIECE.fullmatch(p) or "\u2581" in p for p in vocab):
-        return text  # those steps would change some token: llguidance gets the chain as it is
+        return False  # those steps would change some token: llguidance gets the chain as it is
     spec["decoder"] = steps[-1]
-    return json.dumps(spec)
+    return True
 
 
 def _spares_byte_level_tokens(step: dict) -> bool:
@@ -237,11 +240,11 @@ def _spares_byte_level_tokens(step: dict) -> bool:
     return kind in ("ByteFallback", "Fuse") or (kind == "Replace" and step.get("pattern") == {"String": "\u2581"})
 
 
-def _cut_tokenizer_json(text: str, vocab_size: int) -> str:
-    """A Hugging Face tokenizer (its JSON form) without the tokens >= vocab_size, and without the BPE merges
-    that would produce them, so that it only ever tokenizes into the model's vocabulary."""
-    spec = json.loads(text)
-    model = spec["model"]
+def _cut_tokenizer_json(spec: dict, vocab_size: int) -> str:
+    """A Hugging Face tokenizer (its JSON form, from its parsed `spec`, which is left as it is) without the tokens
+    >= vocab_size, and without the BPE merges that would produce them, so that it only ever tokenizes into the
+    model's vocabulary."""
+    model = dict(spec["model"])
     vocab = model["vocab"]
     if isinstance(vocab, dict):
         model["vocab"] = kept = {piece: i for piece, i in vocab.items() if i < vocab_size}
@@ -251,8 +254,8 @@ def _cut_tokenizer_json(text: str, vocab_size: int) -> str:
     if model.get("type") == "BPE":
         pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
         model["merges"] = [m for m in pairs if m[0] in kept and m[1] in kept and m[0] + m[1] in kept]
-    spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if t["id"] < vocab_size]
-    return json.dumps(spec)
+    added = [t for t in spec.get("added_tokens", []) if t["id"] < vocab_size]
+    return json.dumps(dict(spec, model=model, added_tokens=added))
 
 
 def llguidance_grammar(constraint: Constraint) -> str:
