@@ -24,10 +24,11 @@ loaded = model_source.load("random:llama2-7b", torch.float16, random_device="cud
 ids = list(range(100, 110))
 out = {}
 FORMATS = {"fp16": "dtype", "fp8": "fp8"}
-for i_engine, arg in enumerate(sys.argv[2:] or ["fp16", "fp8"]):
-    fmt, _, blocks = arg.partition("x")
+ENGINES = [arg.partition("x") for arg in sys.argv[2:] or ["fp16", "fp8"]]  # (format, "x", blocks) per engine
+for i_engine, (fmt, _, blocks) in enumerate(ENGINES):
     blocks = int(blocks or 1)
-    label = fmt if fmt not in out else f"{fmt}#{i_engine}"
+    # a format measured in one engine keeps its name; several engines of one format are told apart by their index
+    label = fmt if [f for f, _, _ in ENGINES].count(fmt) == 1 else f"{fmt}#{i_engine}"
     system = HjcgSystem(loaded, "hybrid", weights=FORMATS[fmt])
     engine = system.engine
     runner = engine.runner
